@@ -49,6 +49,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 Quantizer = Callable[[Array], Array]
@@ -75,18 +76,42 @@ __all__ = [
 # ---------------------------------------------------------------------------
 
 
+def _compute_dtype(x: Array):
+    """float32 (or float64) for comparisons: every bfloat16/float16 is exact in it."""
+    return x.dtype if x.dtype in (jnp.float32, jnp.float64) else jnp.float32
+
+
+def _round_up(a: float, dtype) -> tuple[np.ndarray, bool]:
+    """The smallest ``dtype`` value ``>= a`` and whether it equals ``a``.
+
+    For a representable ``x``: ``x >= a`` iff ``x >= up`` and, when ``a`` is not
+    representable, ``x > a`` iff ``x >= up`` and ``x < a`` iff ``x < up``; so
+    thresholds like ``1/6`` (n = 3) are compared exactly on the reals.
+    """
+    up = np.asarray(a, dtype)
+    if float(up) < a:
+        up = np.nextafter(up, np.asarray(np.inf, dtype))
+    return up, float(up) == a
+
+
 def _levels_forward(x: Array, n: int, offset: float) -> Array:
     """``q_n(x + offset)`` by exact threshold comparisons."""
-    out = jnp.zeros_like(x)
+    cd = _compute_dtype(x)
+    xc = x.astype(cd)
+    count = jnp.zeros(x.shape, cd)
     for k in range(1, n + 1):
-        threshold = (k - 0.5) / n - offset
-        out = out + (x >= jnp.asarray(threshold, x.dtype)).astype(x.dtype)
-    return out / jnp.asarray(n, x.dtype) if n > 1 else out
+        t, _ = _round_up((k - 0.5) / n - offset, cd)
+        count = count + (xc >= t).astype(cd)
+    return (count / n if n > 1 else count).astype(x.dtype)
 
 
 def _window(x: Array, offset: float) -> Array:
-    """The clip window ``0 < x + offset < 1`` as a boolean mask."""
-    return (x > jnp.asarray(-offset, x.dtype)) & (x < jnp.asarray(1.0 - offset, x.dtype))
+    """The clip window ``0 < x + offset < 1`` as a boolean mask, exact on the reals."""
+    cd = _compute_dtype(x)
+    xc = x.astype(cd)
+    lo, lo_exact = _round_up(-offset, cd)
+    hi, _ = _round_up(1.0 - offset, cd)
+    return ((xc > lo) if lo_exact else (xc >= lo)) & (xc < hi)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
