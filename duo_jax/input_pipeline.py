@@ -490,8 +490,8 @@ def create_dataset(data_config: ml_collections.ConfigDict, *, global_batch_size:
         data_dir = get('data_dir', None)
         splits = []
         default_eval = 'validation' if str(name).startswith('imagenet2012') else 'test'
-        for split, count in ((get('train_split', 'train'), num_train),
-                             (get('eval_split', default_eval), num_eval)):
+        for split, count in ((get('train_split', None) or 'train', num_train),
+                             (get('eval_split', None) or default_eval, num_eval)):
             src = _open_tfds(name, split, data_dir)
             splits.append(_TfdsSplit(src, _limit(len(src), count, f'{name} split {split!r}'),
                                      name))

@@ -1,0 +1,53 @@
+r"""Runs a BinaryDuo recipe: ``python -m duo_jax.main --config=configs/NAME.py --workdir=DIR``.
+
+With no flags it runs ``configs/quickstart.py`` into ``runs/quickstart``.
+Override any config value with ``--config.KEY=VALUE`` (the config is locked:
+a misspelt key is an error). Rerunning the same command resumes.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "quickstart.py")
+
+_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Config file (configs/*.py[:variant]).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and results go (default runs/<config name>).")
+_PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    from duo_jax import launch_env, phases, reporting  # after flags: jax starts here
+
+    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every file it renames at INFO
+
+    launch_env.initialize_distributed()
+    config = _CONFIG.value
+    workdir = _WORKDIR.value or os.path.join("runs", config.get("name", "run"))
+    results = phases.run(config, workdir, progress=_PROGRESS.value)
+    if reporting.is_lead():
+        print(reporting.summary_table(results))
+        print(f"results: {os.path.join(workdir, 'results.json')}, curves: {os.path.join(workdir, 'curves.png')}")
+
+
+def run() -> None:
+    """Entry point: user errors become one line on stderr and exit status 2."""
+    from duo_jax.errors import UserError
+    from duo_jax.train import NonFiniteLoss, Preempted
+
+    try:
+        app.run(main)
+    except (UserError, NonFiniteLoss, Preempted) as e:
+        print(f"error: {e}" if not isinstance(e, Preempted) else str(e), file=sys.stderr)
+        sys.exit(3 if isinstance(e, Preempted) else 2)
+
+
+if __name__ == "__main__":
+    run()
