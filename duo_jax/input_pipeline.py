@@ -33,8 +33,9 @@ from duo_jax.errors import UserError
 
 _SOURCES = ('bundled', 'synthetic', 'tfds')
 _BUNDLED = ('digits', 'mnist5k')
-_AUGMENTS = ('auto', 'none', 'flip', 'cifar', 'imagenet')
+_AUGMENTS = ('auto', 'none', 'flip', 'shift', 'cifar', 'imagenet')
 _CIFAR_PAD = 4
+_SHIFT_PAD = 2  # 'shift': random translations of up to 2 pixels, no flip (digits)
 _RRC_ATTEMPTS = 10  # random-resized-crop tries before the centre-crop fallback
 _RRC_SCALE = (0.08, 1.0)
 _RRC_LOG_RATIO = (math.log(3 / 4), math.log(4 / 3))
@@ -260,10 +261,9 @@ def _center_crop(image: np.ndarray, size: int) -> np.ndarray:
     return image[y:y + size, x:x + size]
 
 
-def _pad_crop(images: np.ndarray, uy: np.ndarray, ux: np.ndarray) -> np.ndarray:
-    """Zero-pads by _CIFAR_PAD and crops back to (H, W) at offsets from ``u``."""
+def _pad_crop(images: np.ndarray, uy: np.ndarray, ux: np.ndarray, p: int) -> np.ndarray:
+    """Zero-pads by ``p`` and crops back to (H, W) at offsets from ``u``."""
     _, h, w, _ = images.shape
-    p = _CIFAR_PAD
     padded = np.pad(images, ((0, 0), (p, p), (p, p), (0, 0)))
     ys, xs = (uy * (2 * p + 1)).astype(int), (ux * (2 * p + 1)).astype(int)
     return np.stack([im[y:y + h, x:x + w] for im, y, x in zip(padded, ys, xs)])
@@ -343,9 +343,10 @@ class Dataset:
                 u[:, 3:].reshape(-1, _RRC_ATTEMPTS, 4), [self.image_size] * len(rows)))
         else:
             images = self._fixed_size(images)
-            if self.augment == 'cifar':
-                images = _pad_crop(images, u[:, 1], u[:, 2])
-        if self.augment != 'none':
+            if self.augment in ('cifar', 'shift'):
+                pad = _CIFAR_PAD if self.augment == 'cifar' else _SHIFT_PAD
+                images = _pad_crop(images, u[:, 1], u[:, 2], pad)
+        if self.augment in ('flip', 'cifar', 'imagenet'):
             flip = u[:, 0] < 0.5
             images = np.where(flip[:, None, None, None], images[:, :, ::-1], images)
         return {'image': self._normalize(images), 'label': labels}

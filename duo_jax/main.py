@@ -15,10 +15,16 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "quickstart.py")
+FLAGS = flags.FLAGS
 
-_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Config file (configs/*.py[:variant]).", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and results go (default runs/<config name>).")
-_PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
+
+def _define_flags() -> None:
+    # Defined here, not at import: ml_collections applies the --config.* overrides
+    # while defining the flag, and a typo there must reach the one-line error below.
+    config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Config file (configs/*.py[:variant]).",
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", None, "Where checkpoints and results go (default runs/<config name>).")
+    flags.DEFINE_bool("progress", True, "Show a progress bar.")
 
 
 def main(argv):
@@ -27,26 +33,40 @@ def main(argv):
     from duo_jax import launch_env, phases, reporting  # after flags: jax starts here
 
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every file it renames at INFO
-
     launch_env.initialize_distributed()
-    config = _CONFIG.value
-    workdir = _WORKDIR.value or os.path.join("runs", config.get("name", "run"))
-    results = phases.run(config, workdir, progress=_PROGRESS.value)
+    config = FLAGS.config
+    workdir = FLAGS.workdir or os.path.join("runs", config.get("name", "run"))
+    results = phases.run(config, workdir, progress=FLAGS.progress)
     if reporting.is_lead():
         print(reporting.summary_table(results))
         print(f"results: {os.path.join(workdir, 'results.json')}, curves: {os.path.join(workdir, 'curves.png')}")
 
 
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e.args[0] if isinstance(e, KeyError) and e.args else e).split())
+
+
 def run() -> None:
-    """Entry point: user errors become one line on stderr and exit status 2."""
+    """Entry point: bad input becomes one line on stderr and exit status 2."""
+    try:
+        _define_flags()
+        FLAGS(sys.argv)
+        FLAGS.config.get("name")  # loads the config file now, so that a bad path fails here
+    except (flags.Error, KeyError, AttributeError, TypeError, ValueError, OSError) as e:
+        print(f"error: bad flag or config: {_one_line(e)}", file=sys.stderr)
+        sys.exit(2)
+
     from duo_jax.errors import UserError
     from duo_jax.train import NonFiniteLoss, Preempted
 
     try:
         app.run(main)
-    except (UserError, NonFiniteLoss, Preempted) as e:
-        print(f"error: {e}" if not isinstance(e, Preempted) else str(e), file=sys.stderr)
-        sys.exit(3 if isinstance(e, Preempted) else 2)
+    except (UserError, NonFiniteLoss) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except Preempted as e:
+        print(str(e), file=sys.stderr)
+        sys.exit(3)
 
 
 if __name__ == "__main__":

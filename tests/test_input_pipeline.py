@@ -215,6 +215,19 @@ def test_cifar_augmentation_is_a_padded_crop_and_flip_of_the_raw_image():
     np.testing.assert_array_equal(ds.train_batch(4)['image'], out['image'])
 
 
+def test_shift_augmentation_translates_without_flipping():
+    raw, ds = _raw_and_augmented('shift', step=2)
+    pad_value = (0.0 - 0.5) / 0.25
+    offsets = []
+    for img, src in zip(ds.train_batch(2)['image'], raw['image']):
+        padded = np.pad(src, ((2, 2), (2, 2), (0, 0)), constant_values=pad_value)
+        matches = [(dy, dx) for dy in range(5) for dx in range(5)
+                   if np.array_equal(img, padded[dy:dy + 16, dx:dx + 16])]
+        assert len(matches) == 1, 'a shifted image is not an unflipped crop of its source'
+        offsets.append(matches[0])
+    assert set(o[0] for o in offsets) == set(range(5))
+
+
 def test_imagenet_augmentation_crops_randomly_but_reproducibly():
     ds = make(source='synthetic', image_shape=(40, 60, 3), num_train=16, num_eval=20,
               augment='imagenet', image_size=24, global_batch_size=16)

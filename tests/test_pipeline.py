@@ -82,20 +82,22 @@ def test_a_different_config_in_the_same_workdir_is_refused(tmp_path):
     assert sorted(os.listdir(workdir)) == before
 
 
-def _main(workdir, *extra):
+def _main(workdir, cache_dir):
     cmd = [sys.executable, "-m", "duo_jax.main", "--config=configs/quickstart.py:runlocal",
            f"--workdir={workdir}", "--noprogress", "--config.checkpoint_every=1", "--config.log_every=1",
-           "--config.finetune.steps=12", *extra]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+           "--config.phases=coupled,decouple,finetune", "--config.finetune.steps=12"]
+    # The three runs share compiled programs through jax's persistent cache.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "JAX_COMPILATION_CACHE_DIR": cache_dir,
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
     return cmd, env
 
 
 def test_kill_and_rerun_resumes_to_the_same_result(tmp_path):
-    clean, killed = str(tmp_path / "clean"), str(tmp_path / "killed")
-    cmd, env = _main(clean)
+    clean, killed, cache = str(tmp_path / "clean"), str(tmp_path / "killed"), str(tmp_path / "jax_cache")
+    cmd, env = _main(clean, cache)
     subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, timeout=600)
 
-    cmd, env = _main(killed)
+    cmd, env = _main(killed, cache)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     target = os.path.join(killed, "finetune")
     deadline = time.time() + 600
@@ -123,7 +125,24 @@ def test_kill_and_rerun_resumes_to_the_same_result(tmp_path):
         assert a[name].get("eval_history") == b[name].get("eval_history")
     # and the final parameters are bitwise identical
     config = load_config("quickstart")
+    config.phases = "coupled,decouple,finetune"
     va = phases.Runner(config, clean, progress=False).final_variables("finetune")
     vb = phases.Runner(config, killed, progress=False).final_variables("finetune")
     for x, y in zip(jax.tree_util.tree_leaves(va), jax.tree_util.tree_leaves(vb), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config.modle.name=vgg8"], 'Did you mean "model"'),
+    (["--config.coupled.epochs=abc"], "could not convert"),
+    (["--config=configs/nope.py"], "configs/nope.py"),
+    (["--config.model.name=vgg8"], "unknown model 'vgg8'"),
+    (["--config.coupled.optimizer.lr=-1"], "learning rate must be positive"),
+])
+def test_bad_input_is_one_line_and_a_nonzero_exit(tmp_path, args, message):
+    proc = subprocess.run([sys.executable, "-m", "duo_jax.main", f"--workdir={tmp_path / 'w'}", "--noprogress", *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
