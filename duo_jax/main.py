@@ -42,6 +42,20 @@ def main(argv):
         print(f"results: {os.path.join(workdir, 'results.json')}, curves: {os.path.join(workdir, 'curves.png')}")
 
 
+_YNN = "--xla_cpu_experimental_ynn_fusion_type=dot"
+
+
+def _cpu_speed_flags() -> None:
+    """XLA's YNNPACK dot fusions train these models 1.5-2x faster on CPU.
+
+    Set before jax creates its backend; ``DUO_JAX_YNN=0`` turns it off (other
+    platforms ignore it).
+    """
+    current = os.environ.get("XLA_FLAGS", "")
+    if os.environ.get("DUO_JAX_YNN", "1") != "0" and "ynn_fusion_type" not in current:
+        os.environ["XLA_FLAGS"] = f"{current} {_YNN}".strip()
+
+
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e.args[0] if isinstance(e, KeyError) and e.args else e).split())
 
@@ -56,6 +70,7 @@ def run() -> None:
         print(f"error: bad flag or config: {_one_line(e)}", file=sys.stderr)
         sys.exit(2)
 
+    _cpu_speed_flags()
     from duo_jax.errors import UserError
     from duo_jax.train import NonFiniteLoss, Preempted
 
