@@ -64,7 +64,7 @@ def run() -> None:
     """Entry point: bad input becomes one line on stderr and exit status 2."""
     try:
         _define_flags()
-        FLAGS(sys.argv)
+        argv = FLAGS(sys.argv)
         FLAGS.config.get("name")  # loads the config file now, so that a bad path fails here
     except (flags.Error, KeyError, AttributeError, TypeError, ValueError, OSError) as e:
         print(f"error: bad flag or config: {_one_line(e)}", file=sys.stderr)
@@ -75,7 +75,10 @@ def run() -> None:
     from duo_jax.train import NonFiniteLoss, Preempted
 
     try:
-        app.run(main)
+        main(argv)  # not app.run: it would parse the flags (and define the overrides) a second time
+    except app.UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     except (UserError, NonFiniteLoss) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -146,3 +146,22 @@ def test_bad_input_is_one_line_and_a_nonzero_exit(tmp_path, args, message):
     lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
     assert len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+def test_cpu_speed_flags_do_not_change_training(tmp_path):
+    """main turns XLA's YNN dot fusions on by default: the same forward pass and update.
+
+    fp mode and plain SGD, two steps: the loss before any update and after one agree to
+    float rounding. (Over many steps two runs drift apart: a ReLU/max-pool tie or a
+    binary threshold turns a 1e-7 difference into a different gradient.)
+    """
+    losses = {}
+    for ynn in ("0", "1"):
+        workdir = tmp_path / f"ynn{ynn}"
+        cmd = [sys.executable, "-m", "duo_jax.main", "--config=configs/quickstart.py:runlocal", f"--workdir={workdir}",
+               "--noprogress", "--config.phases=baseline", "--config.baseline.mode=fp", "--config.baseline.steps=2",
+               "--config.log_every=1", "--config.baseline.optimizer.name=sgd", "--config.baseline.optimizer.lr=0.01"]
+        subprocess.run(cmd, cwd=ROOT, env={**os.environ, "DUO_JAX_YNN": ynn}, check=True, capture_output=True, timeout=300)
+        r = json.load(open(workdir / "results.json"))["baseline"]
+        losses[ynn] = [h["loss"] for h in r["train_history"]] + [r["loss"]]
+    np.testing.assert_allclose(losses["1"], losses["0"], rtol=1e-5)
