@@ -236,20 +236,27 @@ class Runner:
         def save(s):
             ckpt.save(int(s.step), s, self._meta(name, wall_time=time.perf_counter() - start_time, **history))
 
+        def evaluate_and_save(s):
+            step = int(s.step)
+            ev = self.evaluate(model, s.variables)
+            history["eval_history"].append({"step": step, **ev})
+            writer.scalars(step, ev, prefix=f"{name}/eval_")
+            if self.progress:
+                bar.write(f"{name}: step {step}/{num_steps}  eval top-1 {100 * ev['top1']:.2f}%  loss {ev['loss']:.4f}")
+            save(s)
+
         try:
+            step = int(state.step)
+            evaluated = bool(history["eval_history"]) and history["eval_history"][-1]["step"] == step
+            if step > 0 and (step % eval_every == 0 or step == num_steps) and not evaluated:
+                evaluate_and_save(state)  # stopped (SIGTERM) at an evaluation point before evaluating
             while int(state.step) < num_steps:
                 target = min(num_steps, (int(state.step) // eval_every + 1) * eval_every)
                 state = train.train_loop(
                     state, num_steps=target, batch_iter=self.data.train_iter, step_fn=self._step_fn,
                     put=self._put_batch, save=save, log_every=cfg.log_every,
                     checkpoint_every=cfg.checkpoint_every, on_log=on_log, phase=name)
-                ev = self.evaluate(model, state.variables)
-                history["eval_history"].append({"step": target, **ev})
-                writer.scalars(target, ev, prefix=f"{name}/eval_")
-                if self.progress:
-                    bar.write(f"{name}: step {target}/{num_steps}  eval top-1 {100 * ev['top1']:.2f}%  "
-                              f"loss {ev['loss']:.4f}")
-                save(state)
+                evaluate_and_save(state)
         finally:
             bar.close()
         ckpt.wait()

@@ -254,7 +254,8 @@ def train_loop(
       step_fn: the jitted ``train_step``.
       put: moves a host array onto the device(s) (sharding goes here).
       save: saves a state (asynchronously); called every ``checkpoint_every``
-        steps, on SIGTERM and at the end.
+        steps before ``num_steps``, and on SIGTERM. The caller saves the state
+        it gets back.
       log_every: fetch and log metrics every this many steps (the only host
         syncs in the loop).
       on_log: receives ``(step, means)`` of the metrics since the last log.
@@ -275,7 +276,8 @@ def train_loop(
             state, metrics = step_fn(state, {k: put(v) for k, v in batch.items()})
             pending.append(metrics)
             done = step + 1
-            must_save = done % checkpoint_every == 0 or done == num_steps or sigterm.raised
+            # The last step is saved by the caller, after whatever it does at the end (evaluation).
+            must_save = (done % checkpoint_every == 0 and done < num_steps) or sigterm.raised
             if done % log_every == 0 or must_save:  # never save an unchecked state
                 totals = jax.device_get(pending)
                 pending = []

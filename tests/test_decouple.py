@@ -66,8 +66,9 @@ def test_decoupled_equals_coupled(family, binarize_weights):
     yd_t, sd = decoupled.apply(vd, x, train=True, mutable=["batch_stats"], rngs=rngs)
     assert rel(yc_t, yd_t) <= TOL, rel(yc_t, yd_t)
     expect = decouple({"batch_stats": sc["batch_stats"]}, {"batch_stats": sd["batch_stats"]})
+    # Batch variances (E[x^2] - E[x]^2) magnify the rounding of the split convolutions.
     for a, b in zip(jax.tree_util.tree_leaves(expect), jax.tree_util.tree_leaves(sd)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
     # Not vacuous: the same weights with binary activations compute something else.
     binary = create_model(name, mode="binary", widths=DUO_WIDTHS[name], **opts)
