@@ -18,21 +18,4 @@ from duo_jax import config_lib as cl
 
 
 def get_config(arg: str | None = None):
-    c = cl.base_config()
-    c.name = "alexnet_imagenet"
-    c.data.source = "tfds"
-    c.data.name = "imagenet2012"
-    c.data.augment = "imagenet"
-    c.data.image_size = 224
-    c.model.name = "alexnet"
-    c.model.options.binarize_weights = True
-    c.log_every = 100
-    c.checkpoint_every = 5000
-    c.phases = "coupled,decouple,finetune"
-    c.coupled = cl.train_phase("coupled", 100, cl.sgd(0.1, decay_epochs=(41, 71, 91)), label="BinaryDuo coupled (ternary)")
-    c.decouple = cl.decouple_phase("coupled", label="BinaryDuo decoupled")
-    c.finetune = cl.train_phase("decoupled", 40, cl.sgd(0.1, decay_epochs=(16, 26, 36)), parent="decouple",
-                                label="BinaryDuo fine-tuned (binary)")
-    if arg == "runlocal":
-        cl.shrink_for_cpu(c, image_size=64, width_mult=1 / 16)
-    return c
+    return cl.imagenet_recipe("alexnet_imagenet", "alexnet", coupled=(100, (41, 71, 91)), finetune=(40, (16, 26, 36)), arg=arg)

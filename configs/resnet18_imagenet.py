@@ -22,21 +22,4 @@ from duo_jax import config_lib as cl
 
 
 def get_config(arg: str | None = None):
-    c = cl.base_config()
-    c.name = "resnet18_imagenet"
-    c.data.source = "tfds"
-    c.data.name = "imagenet2012"
-    c.data.augment = "imagenet"
-    c.data.image_size = 224
-    c.model.name = "resnet18"
-    c.model.options.binarize_weights = True
-    c.log_every = 100
-    c.checkpoint_every = 5000
-    c.phases = "coupled,decouple,finetune"
-    c.coupled = cl.train_phase("coupled", 120, cl.sgd(0.1, decay_epochs=(71, 91, 111)), label="BinaryDuo coupled (ternary)")
-    c.decouple = cl.decouple_phase("coupled", label="BinaryDuo decoupled")
-    c.finetune = cl.train_phase("decoupled", 40, cl.sgd(0.1, decay_epochs=(21, 31, 36)), parent="decouple",
-                                label="BinaryDuo fine-tuned (binary)")
-    if arg == "runlocal":
-        cl.shrink_for_cpu(c, image_size=64, width_mult=1 / 16)
-    return c
+    return cl.imagenet_recipe("resnet18_imagenet", "resnet18", coupled=(120, (71, 91, 111)), finetune=(40, (21, 31, 36)), arg=arg)

@@ -94,3 +94,34 @@ def shrink_for_cpu(config: ml_collections.ConfigDict, *, image_size: int | None 
         if config[name].kind == "train":
             config[name].steps = steps
     return config
+
+
+def imagenet_recipe(name: str, model: str, *, coupled: tuple[float, tuple], finetune: tuple[float, tuple],
+                    arg: str | None) -> ml_collections.ConfigDict:
+    """The authors' ImageNet recipe for ``model`` (binarized weights, SGD Nesterov,
+    lr 0.1, wd 1e-4, batch 256, random-resized crop 224 + flip).
+
+    Args:
+      name: config name (the default workdir is ``runs/<name>``).
+      model: a :data:`duo_jax.models.FAMILIES` key.
+      coupled, finetune: ``(epochs, decay_epochs)`` of each phase.
+      arg: ``'runlocal'`` shrinks it to a CPU smoke run (64x64 crops, width/16).
+    """
+    c = base_config()
+    c.name = name
+    c.data.source = "tfds"
+    c.data.name = "imagenet2012"
+    c.data.augment = "imagenet"
+    c.data.image_size = 224
+    c.model.name = model
+    c.model.options.binarize_weights = True
+    c.log_every = 100
+    c.checkpoint_every = 5000
+    c.phases = "coupled,decouple,finetune"
+    c.coupled = train_phase("coupled", coupled[0], sgd(0.1, decay_epochs=coupled[1]), label="BinaryDuo coupled (ternary)")
+    c.decouple = decouple_phase("coupled", label="BinaryDuo decoupled")
+    c.finetune = train_phase("decoupled", finetune[0], sgd(0.1, decay_epochs=finetune[1]), parent="decouple",
+                             label="BinaryDuo fine-tuned (binary)")
+    if arg == "runlocal":
+        shrink_for_cpu(c, image_size=64, width_mult=1 / 16)
+    return c

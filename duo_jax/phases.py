@@ -28,7 +28,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import tqdm
 
 from duo_jax import checkpointing, input_pipeline, models, reporting, sharding, train
