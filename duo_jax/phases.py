@@ -211,12 +211,14 @@ class Runner:
         model = self.model(ph.mode)
         tx = train.make_optimizer(ph.optimizer, spe, num_steps)
         parent = ph.get("parent") or ""
-        variables = self.final_variables(parent) if parent else self.init_variables(model)
-        state = sharding.put_replicated(train.create_state(model.apply, variables, tx, cfg.seed), self.mesh)
         history: dict[str, list] = {"train_history": [], "eval_history": []}
         wall = 0.0
-        if ckpt.latest_step() is not None:
-            state, meta = ckpt.restore(state)
+        if ckpt.latest_step() is None:
+            variables = self.final_variables(parent) if parent else self.init_variables(model)
+            state = sharding.put_replicated(train.create_state(model.apply, variables, tx, cfg.seed), self.mesh)
+        else:  # resume: the phase's own checkpoint, restored onto an abstract state (no init, no parent)
+            abstract = jax.eval_shape(lambda: train.create_state(model.apply, self.abstract_variables(model), tx, 0))
+            state, meta = ckpt.restore(self._abstract_replicated(abstract))
             history = {k: meta.get(k, []) for k in history}
             wall = float(meta.get("wall_time", 0.0))
             _log.info("phase %s: resuming at step %d", name, int(state.step))
