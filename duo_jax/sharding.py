@@ -2,12 +2,18 @@
 
 The batch is split on the ``data`` axis, the train state is replicated, and
 ``jit`` places the collectives. BatchNorm has no ``axis_name``: its statistics
-are over the global batch, so the result does not depend on the device count.
+are over the global batch, so the result does not depend on the device count
+(up to the order of floating-point sums).
+
+Multi-process: every process runs the same program; each builds only its own
+rows of a batch and :func:`put_batch` assembles the global array, rows in
+process order. The train state is the same on every process, and
+:func:`put_replicated` places it on every device of every process.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -30,20 +36,47 @@ def make_mesh() -> Mesh:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) axis split over the ``data`` axis, the rest whole."""
     return NamedSharding(mesh, P(DATA_AXIS))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
+    """A full copy on every device of ``mesh``."""
     return NamedSharding(mesh, P())
 
 
 def check_batch_size(global_batch_size: int, what: str = "batch_size") -> None:
-    """The global batch must split evenly over the devices."""
+    """The global batch must split evenly over the devices.
+
+    Raises:
+      UserError: it does not; the message names the nearest valid sizes.
+    """
     n = jax.device_count()
-    if global_batch_size % n:
+    if global_batch_size <= 0 or global_batch_size % n:
+        lower = max(n, global_batch_size // n * n)
         raise UserError(
-            f"{what}={global_batch_size} is not divisible by the {n} devices; use a multiple of {n}"
+            f"{what}={global_batch_size} is not divisible by the {n} devices; use a multiple of {n} "
+            f"(e.g. --config.{what}={lower} or {lower + n})"
         )
+
+
+def jit_train_step(step_fn: Callable, mesh: Mesh) -> Callable:
+    """``jax.jit`` of ``step_fn(state, batch) -> (state, metrics)`` for data parallelism.
+
+    State in and out replicated, batch split on the ``data`` axis, metrics
+    replicated; the incoming state is donated (its buffers hold the new one).
+    """
+    rep, data = replicated(mesh), batch_sharding(mesh)
+    return jax.jit(step_fn, in_shardings=(rep, data), out_shardings=(rep, rep), donate_argnums=0)
+
+
+def jit_eval_step(eval_fn: Callable, mesh: Mesh) -> Callable:
+    """``jax.jit`` of ``eval_fn(variables, batch, apply_fn) -> metrics`` (``apply_fn`` static).
+
+    Variables replicated, batch split on the ``data`` axis, metrics replicated.
+    """
+    rep, data = replicated(mesh), batch_sharding(mesh)
+    return jax.jit(eval_fn, in_shardings=(rep, data), out_shardings=rep, static_argnums=2)
 
 
 def put_batch(local: np.ndarray, sharding: NamedSharding) -> jax.Array:
@@ -52,5 +85,20 @@ def put_batch(local: np.ndarray, sharding: NamedSharding) -> jax.Array:
 
 
 def put_replicated(tree: Any, mesh: Mesh) -> Any:
-    """Replicates a pytree (e.g. the train state) on every device."""
-    return jax.device_put(tree, replicated(mesh))
+    """Replicates a pytree (e.g. the train state) on every device of ``mesh``.
+
+    With several processes every process must pass the same values (the
+    state is built from the same seed everywhere); a leaf that is already a
+    global array is resharded.
+    """
+    sharding = replicated(mesh)
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+
+    def put(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return jax.device_put(x, sharding)
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree_util.tree_map(put, tree)
