@@ -39,6 +39,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import shutil
 from collections.abc import Mapping
 from typing import Any
 
@@ -186,6 +188,21 @@ def _first_line(err: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _os_error(err: BaseException) -> str | None:
+    """The operating-system error behind a failed write (e.g. "No space left
+    on device"), from an ``OSError`` or tensorstore's ``os_error_code``; else None."""
+    for _ in range(8):
+        if isinstance(err, OSError) and err.errno:
+            return err.strerror or os.strerror(err.errno)
+        code = re.search(r"os_error_code='?(\d+)", str(err))
+        if code:
+            return os.strerror(int(code.group(1)))
+        err = err.__cause__ or err.__context__
+        if err is None:
+            break
+    return None
+
+
 def _all_processes_agree(ok: bool) -> bool:
     """True when ``ok`` holds on every process (collective when multi-host)."""
     if jax.process_count() == 1:
@@ -318,18 +335,72 @@ class PhaseCheckpoints:
                          bad, self.directory)
             self._manager.delete(bad)
         self._unreadable.clear()
+        meta = _to_json(meta)
+        self._check_space(step, state, meta)
         args = ocp.args.Composite(
             **{
                 _STATE: ocp.args.StandardSave(state),
-                _META: ocp.args.JsonSave(_to_json(meta)),
+                _META: ocp.args.JsonSave(meta),
                 _SUMS: ocp.args.JsonSave(_checksums(state)),
             }
         )
-        self._manager.save(step, args=args, force=True)
+        try:
+            self._manager.save(step, args=args, force=True)
+        except Exception as e:
+            self._raise_write_error(e)
+            raise
 
     def wait(self) -> None:
-        """Blocks until every started save is on disk; re-raises its error."""
-        self._manager.wait_until_finished()
+        """Blocks until every started save is on disk; re-raises its error.
+
+        Raises:
+            UserError: A save failed for a reason of the file system (disk
+                full, read-only, permissions); the message says which.
+        """
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:
+            self._raise_write_error(e)
+            raise
+
+    def _check_space(self, step: int, state: Any, meta: Mapping[str, Any]) -> None:
+        """Refuses to start a save that cannot fit on a local disk.
+
+        A save that runs out of space halfway fails in orbax's background
+        threads, which print their own tracebacks before the error reaches
+        :meth:`wait`; checking first gives one clear line in the usual case
+        (the disk was already full). Needs the arrays, the meta and 1 MiB.
+        """
+        if not self._local:
+            return
+        need = sum(int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize
+                   for x in jax.tree.leaves(state) if _summable(x) and not
+                   jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key))
+        need += len(json.dumps(meta)) + (1 << 20)
+        existing = self.directory
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        free = shutil.disk_usage(existing).free
+        if not _all_processes_agree(free >= need):
+            latest = self.latest_step()
+            kept = "none is complete yet" if latest is None else f"the last complete one, step {latest}, is kept"
+            raise UserError(
+                f"cannot write checkpoint step {step} in {self.directory}: No space left on device (needs about"
+                f" {need / 2**20:.1f} MiB, {free / 2**20:.1f} MiB free; {kept}); free disk space, then rerun"
+                " the same command to resume"
+            )
+
+    def _raise_write_error(self, err: BaseException) -> None:
+        """A failed write the user can fix becomes one clear line; other errors pass."""
+        reason = _os_error(err)
+        if reason is None:
+            return
+        latest = self.latest_step()
+        kept = "none is complete yet" if latest is None else f"the last complete one, step {latest}, is kept"
+        raise UserError(
+            f"cannot write a checkpoint in {self.directory}: {reason} ({kept});"
+            " free disk space or fix the permissions, then rerun the same command to resume"
+        ) from None
 
     # -- restoring ----------------------------------------------------------
 
@@ -364,6 +435,11 @@ class PhaseCheckpoints:
         for s in candidates:
             restored, error = self._try_restore(target, s)
             if error is None:
+                for bad, why in failures:  # warned about only when falling back: else the error says it
+                    _log.warning(
+                        "checkpoint step %d in %s is unreadable, ignoring it: %s",
+                        bad, self.directory, why,
+                    )
                 if failures:
                     _log.warning(
                         "restored %s from step %d instead (newer steps unreadable)",
@@ -371,11 +447,8 @@ class PhaseCheckpoints:
                     )
                 return restored
             self._unreadable.add(s)
-            failures.append(f"step {s}: {error}")
-            _log.warning(
-                "checkpoint step %d in %s is unreadable, ignoring it: %s",
-                s, self.directory, error,
-            )
+            failures.append((s, error))
+        failures = [f"step {s}: {error}" for s, error in failures]
         raise UserError(
             f"no readable checkpoint in {self.directory} ({'; '.join(failures)});"
             f" {_HINT}"
@@ -501,13 +574,23 @@ class PhaseCheckpoints:
         """Waits for pending saves and releases orbax's threads (idempotent)."""
         if not self._closed:
             self._closed = True
-            self._manager.close()
+            try:
+                self._manager.close()
+            except Exception as e:
+                self._raise_write_error(e)
+                raise
 
     def __enter__(self) -> PhaseCheckpoints:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: Any, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:  # already failing: a save that failed too must not replace that error
+            self.close()
+        except Exception as e:  # noqa: BLE001
+            _log.warning("closing %s: %s", self.directory, _first_line(e))
 
     def __repr__(self) -> str:
         return f"PhaseCheckpoints({str(self.directory)!r})"

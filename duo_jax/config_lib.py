@@ -18,6 +18,7 @@ The BinaryDuo recipe is ``'coupled,decouple,finetune'``; a baseline is one
 from __future__ import annotations
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 
 def sgd(lr: float = 0.1, *, momentum: float = 0.9, nesterov: bool = True, weight_decay: float = 1e-4,
@@ -69,10 +70,14 @@ def base_config() -> ml_collections.ConfigDict:
         log_every=50,
         checkpoint_every=1000,
         keep_checkpoints=2,
+        # Typed placeholders (None until set) so that --config.data.data_dir=DIR and the like can override them.
         data=ml_collections.ConfigDict(dict(
-            source="bundled", name="mnist5k", data_dir=None, train_split="train", eval_split=None,
-            augment="auto", image_size=None, num_train=None, num_eval=None)),
-        model=ml_collections.ConfigDict(dict(name="vgg7", options=ml_collections.ConfigDict())),
+            source="bundled", name="mnist5k", data_dir=placeholder(str), train_split="train",
+            eval_split=placeholder(str), augment="auto", image_size=placeholder(int), num_train=placeholder(int),
+            num_eval=placeholder(int))),
+        # The options every family takes (duo_jax.models.common.DuoNet), so that each can be overridden.
+        model=ml_collections.ConfigDict(dict(name="vgg7", options=ml_collections.ConfigDict(dict(
+            width_mult=1.0, binarize_weights=False, per_channel_scale=False, surrogate="clipped")))),
         phases="coupled,decouple,finetune",
     ))
 

@@ -7,7 +7,9 @@ a misspelt key is an error). Rerunning the same command resumes.
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import sys
 
 from absl import app, flags
@@ -25,6 +27,10 @@ def _define_flags() -> None:
                                     lock_config=True)
     flags.DEFINE_string("workdir", None, "Where checkpoints and results go (default runs/<config name>).")
     flags.DEFINE_bool("progress", True, "Show a progress bar.")
+    # Several processes (README "Scaling out"); the DUO_JAX_* environment variables do the same.
+    flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0, for a multi-process run.")
+    flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
+    flags.DEFINE_integer("process_id", None, "This process's index, 0 to num_processes - 1.")
 
 
 def main(argv):
@@ -33,7 +39,7 @@ def main(argv):
     from duo_jax import launch_env, phases, reporting  # after flags: jax starts here
 
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every file it renames at INFO
-    launch_env.initialize_distributed()
+    launch_env.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     config = FLAGS.config
     workdir = FLAGS.workdir or os.path.join("runs", config.get("name", "run"))
     results = phases.run(config, workdir, progress=FLAGS.progress)
@@ -60,6 +66,29 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e.args[0] if isinstance(e, KeyError) and e.args else e).split())
 
 
+def _flag_error(e: BaseException) -> str:
+    """One line for a bad flag; an override naming no config key says which one and why."""
+    text = _one_line(e)
+    if isinstance(e, flags.IllegalFlagValueError):
+        return f"{text}; give a value of the type that the config file sets for that key"
+    if "No such file" in text:
+        return f"{text}; check the --config path (configs/NAME.py, optionally :VARIANT)"
+    unescaped = text.replace("\\'", "'").replace("\\n", " ")
+    key = re.search(r"'(\w+)'", unescaped)
+    if not isinstance(e, (KeyError, AttributeError)) or key is None:
+        return text
+    flag = next((a.split("=")[0] for a in sys.argv[1:] if a.startswith("--config.")
+                 and key.group(1) in a.split("=")[0].split(".")), "--config.*")
+    hint = re.search(r"Did you mean [^?]*\?", unescaped)
+    hint = f" ({hint.group(0)})" if hint else ""
+    return (f"{flag}: the config has no key {key.group(1)!r}{hint}; configs are locked, so an override "
+            "must name a key the config file defines (check the spelling, or add the key to the config file)")
+
+
+# Failures of the file system that the user can fix (as opposed to bugs).
+_USER_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+
+
 def run() -> None:
     """Entry point: bad input becomes one line on stderr and exit status 2."""
     try:
@@ -67,7 +96,7 @@ def run() -> None:
         argv = FLAGS(sys.argv)
         FLAGS.config.get("name")  # loads the config file now, so that a bad path fails here
     except (flags.Error, KeyError, AttributeError, TypeError, ValueError, OSError) as e:
-        print(f"error: bad flag or config: {_one_line(e)}", file=sys.stderr)
+        print(f"error: bad flag or config: {_flag_error(e)}", file=sys.stderr)
         sys.exit(2)
 
     _cpu_speed_flags()
@@ -85,6 +114,12 @@ def run() -> None:
     except Preempted as e:
         print(str(e), file=sys.stderr)
         sys.exit(3)
+    except OSError as e:
+        if e.errno not in _USER_OS_ERRORS:
+            raise
+        print(f"error: {e.strerror}: {e.filename or 'a file of the run'}; free disk space or fix the "
+              "permissions, then rerun the same command to resume", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 import tqdm
 
-from duo_jax import checkpointing, input_pipeline, models, reporting, sharding, train
+from duo_jax import checkpointing, input_pipeline, layers, models, reporting, sharding, train
 from duo_jax.decouple import decouple
 from duo_jax.errors import UserError
 
@@ -54,6 +54,9 @@ def phase_names(config: ml_collections.ConfigDict) -> list[str]:
         ph = config[name]
         if ph.get("kind") not in PHASE_KINDS:
             raise UserError(f"phase {name!r}: unknown kind {ph.get('kind')!r}; known: {', '.join(PHASE_KINDS)}")
+        if ph.kind == "train" and ph.get("mode") not in layers.MODES:
+            raise UserError(f"phase {name!r}: unknown mode {ph.get('mode')!r}; set config.{name}.mode to one of: "
+                            f"{', '.join(layers.MODES)}")
         parent = ph.get("parent") or ""
         if parent and parent not in names[:i]:
             raise UserError(f"phase {name!r} starts from {parent!r}, which must be listed before it in config.phases")
@@ -71,7 +74,7 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Creates ``workdir``; refuses one that holds a run of another config."""
     try:
         os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, ".write_test")
+        probe = os.path.join(workdir, f".write_test.{jax.process_index()}")  # one per process
         with open(probe, "w") as f:
             f.write("")
         os.remove(probe)
@@ -122,7 +125,37 @@ class Runner:
         self.results_path = os.path.join(workdir, "results.json")
         self.results: dict[str, Any] = {}
         self._put_batch = functools.partial(sharding.put_batch, sharding=sharding.batch_sharding(self.mesh))
-        self._step_fn = jax.jit(train.train_step, donate_argnums=0)
+        self._step_fn = sharding.jit_train_step(train.train_step, self.mesh)
+        self._eval_fn = sharding.jit_eval_step(train.eval_step, self.mesh)
+        self._abstract: dict[Any, dict] = {}
+        self._sigterm = train.SigtermFlag()  # entered by run()
+
+    def validate(self) -> None:
+        """Checks what every phase will need (models, optimizers, lengths) before anything is written."""
+        cfg, spe = self.config, self.data.steps_per_epoch
+        for key in ("log_every", "checkpoint_every", "keep_checkpoints"):
+            if not isinstance(cfg.get(key), int) or cfg.get(key) < 1:
+                raise UserError(f"config.{key} must be a positive integer, got {cfg.get(key)!r}")
+        h, w, c = self.data.info.image_shape
+        for name in self.names:
+            ph = cfg[name]
+            for mode in ("coupled", "decoupled") if ph.kind == "decouple" else (ph.mode,):
+                model = self.model(mode)
+                try:
+                    self.abstract_variables(model)
+                except (ValueError, TypeError) as e:
+                    msg = " ".join(str(e).split())
+                    try:  # does it build on large images? Then the data's images are what does not fit.
+                        jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 224, 224, c)), train=False))
+                    except (ValueError, TypeError):
+                        raise UserError(f"model {cfg.model.name!r} in {mode} mode cannot be built: {msg}") from None
+                    raise UserError(f"model {cfg.model.name!r} cannot take the {h}x{w}x{c} images of "
+                                    f"{self.data.info.name!r} ({msg}); resize them with data.image_size") from None
+            if ph.kind == "train":
+                try:
+                    train.make_optimizer(ph.optimizer, spe, train.num_steps_for(ph, spe))
+                except UserError as e:
+                    raise UserError(f"phase {name!r}: {e}") from None
 
     # -- helpers --------------------------------------------------------------
 
@@ -148,28 +181,37 @@ class Runner:
         return dict(variables)
 
     def abstract_variables(self, model) -> dict:
-        return jax.eval_shape(lambda: dict(model.init(jax.random.key(0), self.sample, train=False)))
+        if model not in self._abstract:
+            self._abstract[model] = jax.eval_shape(lambda: dict(model.init(jax.random.key(0), self.sample, train=False)))
+        return self._abstract[model]
 
     def evaluate(self, model, variables) -> dict[str, float]:
-        return train.evaluate(model.apply, variables, self.data.eval_batches(), put=self._put_batch)
+        return train.evaluate(model.apply, variables, self.data.eval_batches(), put=self._put_batch,
+                              eval_fn=self._eval_fn)
 
     def checkpoints(self, name: str) -> checkpointing.PhaseCheckpoints:
         return checkpointing.PhaseCheckpoints(os.path.join(self.workdir, name),
                                               max_to_keep=self.config.keep_checkpoints)
 
     def final_variables(self, name: str) -> dict:
-        """The variables a complete phase ended with."""
+        """The variables a complete phase ended with.
+
+        Exactly its newest checkpoint: if that one is unreadable this stops
+        (a UserError) rather than fall back to an earlier step, which would
+        hand the next phase a different model.
+        """
         ph = self.config[name]
         model = self.model(ph.mode)
         abstract = self.abstract_variables(model)
         target = {"params": abstract["params"], "batch_stats": abstract.get("batch_stats", {})}
         with self.checkpoints(name) as ckpt:
+            last = ckpt.latest_step()
             if ph.kind == "train":
                 tx = train.make_optimizer(ph.optimizer, self.data.steps_per_epoch, 1)
                 state = jax.eval_shape(lambda: train.create_state(model.apply, abstract, tx, 0))
-                state, _ = ckpt.restore(self._abstract_replicated(state))
+                state, _ = ckpt.restore(self._abstract_replicated(state), step=last)
                 return state.variables
-            variables, _ = ckpt.restore(self._abstract_replicated(target))
+            variables, _ = ckpt.restore(self._abstract_replicated(target), step=last)
             return variables
 
     def _abstract_replicated(self, tree):
@@ -183,26 +225,36 @@ class Runner:
 
     # -- phases ---------------------------------------------------------------
 
+    def _stop_if_preempted(self, where: str) -> None:
+        if self._sigterm.raised:
+            raise train.Preempted(f"SIGTERM received; stopped {where}; rerun the same command to resume")
+
     def run(self) -> dict[str, Any]:
         writer = reporting.ScalarWriter(os.path.join(self.workdir, "tensorboard"))
         try:
-            for name in self.names:
-                with self.checkpoints(name) as ckpt:
-                    if ckpt.is_complete():
-                        self.results[name] = ckpt.read_complete()
-                        _log.info("phase %s is complete; skipped", name)
-                        continue
-                    run = self.train_phase if self.config[name].kind == "train" else self.decouple_phase
-                    summary = run(name, ckpt, writer)
-                    ckpt.wait()
-                    ckpt.mark_complete(summary)
-                self.results[name] = summary
-                reporting.write_json_atomic(self.results_path, self.results)
+            with self._sigterm:  # SIGTERM stops the run at the next step or phase boundary
+                self._run_phases(writer)
         finally:
             writer.close()
         reporting.write_json_atomic(self.results_path, self.results)
         reporting.plot_curves(self.results, os.path.join(self.workdir, "curves.png"))
         return self.results
+
+    def _run_phases(self, writer) -> None:
+        for i, name in enumerate(self.names):
+            with self.checkpoints(name) as ckpt:
+                if ckpt.is_complete():
+                    self.results[name] = ckpt.read_complete()
+                    _log.info("phase %s is complete; skipped", name)
+                    continue
+                run = self.train_phase if self.config[name].kind == "train" else self.decouple_phase
+                summary = run(name, ckpt, writer)
+                ckpt.wait()
+                ckpt.mark_complete(summary)
+            self.results[name] = summary
+            reporting.write_json_atomic(self.results_path, self.results)
+            if i + 1 < len(self.names):
+                self._stop_if_preempted(f"after phase {name!r} finished, before {self.names[i + 1]!r}")
 
     def train_phase(self, name: str, ckpt: checkpointing.PhaseCheckpoints, writer) -> dict:
         cfg, ph = self.config, self.config[name]
@@ -252,6 +304,8 @@ class Runner:
             if step > 0 and (step % eval_every == 0 or step == num_steps) and not evaluated:
                 evaluate_and_save(state)  # stopped (SIGTERM) at an evaluation point before evaluating
             while int(state.step) < num_steps:
+                s = int(state.step)
+                self._stop_if_preempted(f"in phase {name!r} at saved step {s}" if s else f"at the start of phase {name!r}")
                 target = min(num_steps, (int(state.step) // eval_every + 1) * eval_every)
                 state = train.train_loop(
                     state, num_steps=target, batch_iter=self.data.train_iter, step_fn=self._step_fn,
@@ -274,7 +328,10 @@ class Runner:
         ph = self.config[name]
         t0 = time.perf_counter()
         coupled_model, decoupled_model = self.model("coupled"), self.model("decoupled")
-        coupled_vars = self.final_variables(ph.parent)
+        try:
+            coupled_vars = self.final_variables(ph.parent)
+        except UserError as e:
+            raise UserError(f"phase {name!r} cannot read the coupled model it decouples: {e}") from None
         before = self.evaluate(coupled_model, coupled_vars)
         template = self.abstract_variables(decoupled_model)
         variables = sharding.put_replicated(decouple(coupled_vars, template), self.mesh)
@@ -298,7 +355,13 @@ class Runner:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) -> dict[str, Any]:
-    """Runs (or resumes) every phase of ``config`` in ``workdir``; returns the results."""
+    """Runs (or resumes) every phase of ``config`` in ``workdir``; returns the results.
+
+    The whole config is checked (data, models, optimizers) before ``workdir`` is
+    touched, so a bad config leaves no trace there.
+    """
     phase_names(config)
+    runner = Runner(config, workdir, progress=progress)
+    runner.validate()
     check_workdir(config, workdir)
-    return Runner(config, workdir, progress=progress).run()
+    return runner.run()

@@ -36,20 +36,26 @@ def read_json(path: str) -> dict | None:
 
 
 class ScalarWriter:
-    """TensorBoard scalars under ``logdir`` (tensorboardX; no-op off process 0)."""
+    """TensorBoard scalars under ``logdir`` (tensorboardX; no-op off process 0).
+
+    The event file is created with the first scalar, so a run that stops
+    before it has anything to log leaves no file behind.
+    """
 
     def __init__(self, logdir: str):
+        self._logdir = logdir
         self._w = None
-        if is_lead():
-            from tensorboardX import SummaryWriter
-
-            self._w = SummaryWriter(logdir)
 
     def scalars(self, step: int, values: Mapping[str, float], prefix: str = "") -> None:
-        if self._w is not None:
-            for k, v in values.items():
-                self._w.add_scalar(f"{prefix}{k}", float(v), int(step))
-            self._w.flush()
+        if not is_lead():
+            return
+        if self._w is None:
+            from tensorboardX import SummaryWriter
+
+            self._w = SummaryWriter(self._logdir)
+        for k, v in values.items():
+            self._w.add_scalar(f"{prefix}{k}", float(v), int(step))
+        self._w.flush()
 
     def close(self) -> None:
         if self._w is not None:

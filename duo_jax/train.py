@@ -170,11 +170,14 @@ _jit_eval = jax.jit(eval_step, static_argnums=2)
 
 
 def evaluate(apply_fn: Callable, variables: PyTree, batches: Iterable[Mapping[str, np.ndarray]],
-             put: Callable = jnp.asarray) -> dict[str, float]:
-    """Top-1, top-5 and mean loss over the eval batches (one jit per model)."""
+             put: Callable = jnp.asarray, eval_fn: Callable = _jit_eval) -> dict[str, float]:
+    """Top-1, top-5 and mean loss over the eval batches (one jit per model).
+
+    ``eval_fn`` is the jitted :func:`eval_step` (with the shardings ``put`` makes).
+    """
     totals: dict[str, float] = {}
     for batch in batches:
-        m = _jit_eval(variables, {k: put(v) for k, v in batch.items()}, apply_fn)
+        m = eval_fn(variables, {k: put(v) for k, v in batch.items()}, apply_fn)
         for k, v in jax.device_get(m).items():
             totals[k] = totals.get(k, 0.0) + float(v)
     n = totals.get("count", 0.0)
@@ -196,8 +199,13 @@ class Preempted(RuntimeError):
     """SIGTERM arrived; the state was saved at a step boundary."""
 
 
-class _SigtermFlag:
-    """Sets a flag on SIGTERM (main thread only) so the loop can save and stop."""
+class SigtermFlag:
+    """Records SIGTERM instead of dying (main thread only), so a run can save and stop.
+
+    Flags nest: an inner flag starts raised if the outer one was, and hands a
+    SIGTERM it caught to the outer one on exit, so a signal that arrives
+    between two training loops (during an evaluation, say) is not lost.
+    """
 
     def __init__(self):
         self.raised = False
@@ -208,7 +216,12 @@ class _SigtermFlag:
             self._old = signal.signal(signal.SIGTERM, self._handle)
         except ValueError:  # not the main thread
             self._old = None
+        self.raised = self.raised or bool(getattr(self._outer(), "raised", False))
         return self
+
+    def _outer(self):
+        outer = getattr(self._old, "__self__", None)
+        return outer if isinstance(outer, SigtermFlag) else None
 
     def _handle(self, signum, frame):
         self.raised = True
@@ -216,6 +229,15 @@ class _SigtermFlag:
     def __exit__(self, *exc):
         if self._old is not None:
             signal.signal(signal.SIGTERM, self._old)
+            if self.raised and self._outer() is not None:
+                self._outer().raised = True
+
+
+@jax.jit
+def _all_finite(tree: PyTree) -> jax.Array:
+    """Whether every float leaf of ``tree`` is finite (one boolean)."""
+    flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(flags)) if flags else jnp.bool_(True)
 
 
 def num_steps_for(phase: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
@@ -225,10 +247,10 @@ def num_steps_for(phase: ml_collections.ConfigDict, steps_per_epoch: int) -> int
     else:
         epochs = float(phase.get("epochs", 0))
         if not epochs > 0:
-            raise UserError(f"epochs must be positive, got {phase.get('epochs')}")
+            raise UserError(f"epochs must be positive, got {phase.get('epochs')}; set epochs (or steps) to a positive number")
         steps = math.ceil(epochs * steps_per_epoch)
     if steps <= 0:
-        raise UserError(f"a training phase needs a positive number of steps, got {steps}")
+        raise UserError(f"a training phase needs a positive number of steps, got {steps}; set steps > 0 (or 0 to use epochs)")
     return steps
 
 
@@ -262,15 +284,19 @@ def train_loop(
       phase: name, for messages.
 
     Raises:
-      NonFiniteLoss: the loss was NaN/Inf; the last good checkpoint is kept.
-      Preempted: SIGTERM arrived; the state was saved first.
+      NonFiniteLoss: the loss, the parameters or the optimizer state became
+        NaN/Inf (checked before every save and at ``num_steps``, so a
+        non-finite state is never saved); the last good checkpoint is kept.
+      Preempted: SIGTERM arrived (also before this loop, under an outer
+        :class:`SigtermFlag`); the state was saved first.
     """
     start = int(jax.device_get(state.step))
     if start >= num_steps:
         return state
     batches = iter(batch_iter(start))
     pending: list[Metrics] = []
-    with _SigtermFlag() as sigterm:
+    last_saved = start  # a resumed state (start > 0) came from a checkpoint of that step
+    with SigtermFlag() as sigterm:
         for step in range(start, num_steps):
             batch = next(batches)
             state, metrics = step_fn(state, {k: put(v) for k, v in batch.items()})
@@ -278,15 +304,23 @@ def train_loop(
             done = step + 1
             # The last step is saved by the caller, after whatever it does at the end (evaluation).
             must_save = (done % checkpoint_every == 0 and done < num_steps) or sigterm.raised
-            if done % log_every == 0 or must_save:  # never save an unchecked state
+            # Never save or return an unchecked state.
+            if done % log_every == 0 or must_save or done == num_steps:
                 totals = jax.device_get(pending)
                 pending = []
                 count = sum(float(m["count"]) for m in totals)
                 means = {k: sum(float(m[k]) for m in totals) / count for k in ("loss", "top1", "top5")}
+                what = None
                 if not math.isfinite(means["loss"]):
+                    what = f"the training loss became {means['loss']}"
+                elif not bool(_all_finite((state.params, state.batch_stats, state.opt_state))):
+                    what = "the parameters or optimizer state became NaN/Inf"
+                if what:
+                    kept = (f"the last good checkpoint, step {last_saved}, is kept" if last_saved
+                            else "no checkpoint of this phase was saved yet")
                     raise NonFiniteLoss(
-                        f"phase {phase!r}: the training loss became {means['loss']} by step {done}; "
-                        "the last good checkpoint is kept (lower the learning rate and rerun)"
+                        f"phase {phase!r}: {what} by step {done}; {kept}; lower the learning rate "
+                        "(or fix the data) and start again with a new --workdir"
                     )
                 on_log(done, means)
             if sigterm.raised:
@@ -294,4 +328,5 @@ def train_loop(
                 raise Preempted(f"phase {phase!r}: SIGTERM received, saved step {done}; rerun the same command to resume")
             if must_save:
                 save(state)
+                last_saved = done
     return state

@@ -1,14 +1,12 @@
-"""Every phase end to end at tiny size: bundled data, tfds mock data, resume after a kill."""
+"""Every phase end to end at tiny size: bundled data, tfds mock data (kills, resume and bad input:
+test_reliability.py)."""
 
 import importlib.util
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
-import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -80,72 +78,6 @@ def test_a_different_config_in_the_same_workdir_is_refused(tmp_path):
     with pytest.raises(UserError, match="different config.*baseline.optimizer.lr"):
         phases.run(config, workdir, progress=False)
     assert sorted(os.listdir(workdir)) == before
-
-
-def _main(workdir, cache_dir):
-    cmd = [sys.executable, "-m", "duo_jax.main", "--config=configs/quickstart.py:runlocal",
-           f"--workdir={workdir}", "--noprogress", "--config.checkpoint_every=1", "--config.log_every=1",
-           "--config.phases=coupled,decouple,finetune", "--config.finetune.steps=12"]
-    # The three runs share compiled programs through jax's persistent cache.
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "JAX_COMPILATION_CACHE_DIR": cache_dir,
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-    return cmd, env
-
-
-def test_kill_and_rerun_resumes_to_the_same_result(tmp_path):
-    clean, killed, cache = str(tmp_path / "clean"), str(tmp_path / "killed"), str(tmp_path / "jax_cache")
-    cmd, env = _main(clean, cache)
-    subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, timeout=600)
-
-    cmd, env = _main(killed, cache)
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    target = os.path.join(killed, "finetune")
-    deadline = time.time() + 600
-    try:
-        # Kill it once the fine-tune phase has saved a few steps, but before it ends.
-        while time.time() < deadline:
-            steps = [int(s) for s in os.listdir(target) if s.isdigit()] if os.path.isdir(target) else []
-            if steps and max(steps) >= 3:
-                break
-            assert proc.poll() is None, "the run finished before it could be killed"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert not os.path.exists(os.path.join(target, "complete.json"))
-    subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, timeout=600)
-
-    a = json.load(open(os.path.join(clean, "results.json")))
-    b = json.load(open(os.path.join(killed, "results.json")))
-    for name in a:
-        for key in ("top1", "top5", "loss", "steps"):
-            assert a[name][key] == b[name][key], (name, key)
-        assert a[name].get("eval_history") == b[name].get("eval_history")
-    # and the final parameters are bitwise identical
-    config = load_config("quickstart")
-    config.phases = "coupled,decouple,finetune"
-    va = phases.Runner(config, clean, progress=False).final_variables("finetune")
-    vb = phases.Runner(config, killed, progress=False).final_variables("finetune")
-    for x, y in zip(jax.tree_util.tree_leaves(va), jax.tree_util.tree_leaves(vb), strict=True):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
-@pytest.mark.parametrize("args,message", [
-    (["--config.modle.name=vgg8"], 'Did you mean "model"'),
-    (["--config.coupled.epochs=abc"], "could not convert"),
-    (["--config=configs/nope.py"], "configs/nope.py"),
-    (["--config.model.name=vgg8"], "unknown model 'vgg8'"),
-    (["--config.coupled.optimizer.lr=-1"], "learning rate must be positive"),
-])
-def test_bad_input_is_one_line_and_a_nonzero_exit(tmp_path, args, message):
-    proc = subprocess.run([sys.executable, "-m", "duo_jax.main", f"--workdir={tmp_path / 'w'}", "--noprogress", *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2
-    lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
-    assert len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
 
 
 def test_cpu_speed_flags_do_not_change_training(tmp_path):
