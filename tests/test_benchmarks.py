@@ -1,0 +1,182 @@
+"""benchmarks/train_throughput.py (smoke run, as CI has no torch) and the PyTorch twin."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "benchmarks", "train_throughput.py")
+
+# Runs the benchmark with torch made unimportable, as on a machine without the extra.
+_NO_TORCH = ("import runpy, sys; sys.modules['torch'] = None; sys.argv = sys.argv[1:]; "
+             "runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
+def _vgg7_forward_flops(width_mult: float, image: int, batch: int, classes: int = 10) -> float:
+    """2 x multiply-adds of VGG-7's convs and classifier, from its layout (duo_jax.models.vgg)."""
+    w = [int(round(c * width_mult)) for c in (64, 64, 128, 128, 512, 512)]
+    s = image
+    macs = s * s * 3 * 9 * w[0]
+    for i in (1, 2, 3):  # 3x3 conv at the current size, then a 2x2 pool
+        macs += s * s * w[i - 1] * 9 * w[i]
+        s //= 2
+    s5 = s // 4  # 4x4 conv, stride 4
+    macs += s5 * s5 * w[3] * 16 * w[4] + s5 * s5 * w[4] * w[5] + s5 * s5 * w[5] * classes
+    return 2.0 * macs * batch
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "quick.json"
+    proc = subprocess.run([sys.executable, "-c", _NO_TORCH, BENCH, "--quick", f"--out={out}"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text()), proc.stdout
+
+
+def test_quick_run_without_torch_reports_the_twin_skipped(quick_run):
+    result, stdout = quick_run
+    assert set(result["cases"]) == {"vgg7_binary", "vgg7_fp"}
+    for res in result["cases"].values():
+        assert "not installed" in res["torch"]["skipped"]
+        assert "ratio_vs_torch" not in res
+    assert result["meta"]["torch"] is None
+    assert "skipped" in stdout and "quantizer overhead" in stdout
+
+
+def test_quick_run_numbers_are_consistent(quick_run):
+    result, _ = quick_run
+    meta = result["meta"]
+    for name, res in result["cases"].items():
+        # The matmul rate is timed in the same rounds as the step; the best library is the reference.
+        peak = res["matmul_peak_flop_per_s"]
+        assert set(res["matmul_flop_per_s"]) == {"jax", "numpy"}
+        assert peak == max(res["matmul_flop_per_s"].values()) > 0
+        j = res["duo_jax"]
+        assert len(j["times_s"]) == meta["rounds"]
+        assert j["median_s"] == pytest.approx(float(np.median(j["times_s"])), rel=1e-4)
+        assert j["images_per_s"] == pytest.approx(res["batch"] / j["median_s"])
+        paired = [res["xla_flops_per_step"] / t / p for t, p in zip(j["times_s"], res["matmul_peak_flop_per_s_rounds"])]
+        assert j["fraction_of_matmul"] == pytest.approx(float(np.median(paired)), rel=1e-4)
+        # The jaxpr count of convs and dots is 3x the forward FLOPs computed from the layout here;
+        # XLA's count of the whole step (backward ~2x forward, plus elementwise work) is near it.
+        fwd = _vgg7_forward_flops(res["width_mult"], res["image"][0], res["batch"])
+        assert res["model_flops_per_step"] == pytest.approx(3 * fwd, rel=1e-6)
+        assert 2.0 * fwd < res["xla_flops_per_step"] < 4.0 * fwd
+        assert np.isfinite(res["loss_after"])
+    # The two steps are timed in the same rounds; the overhead is the median of the per-round ratios.
+    o = result["quantizer_overhead"]["vgg7_binary"]
+    ratios = np.array(result["cases"]["vgg7_binary"]["duo_jax"]["times_s"]) / result["cases"]["vgg7_fp"]["duo_jax"]["times_s"]
+    assert o["fp_case"] == "vgg7_fp" and o["overhead"] == pytest.approx(float(np.median(ratios)) - 1, rel=1e-3)
+    t = result["targets"]
+    assert set(t) == {"fraction_of_matmul", "quantizer_overhead"}
+    assert t["quantizer_overhead"]["met"] == (o["overhead"] <= 0.05)
+
+
+def test_unknown_case_is_one_error_line():
+    proc = subprocess.run([sys.executable, BENCH, "--cases=vgg8"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    errors = [l for l in proc.stderr.splitlines() if "error:" in l]
+    assert len(errors) == 1 and "vgg8" in errors[0] and "vgg7_binary" in errors[0]
+    assert "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------------------
+# The twin computes what duo_jax computes (only where torch is installed)
+# ---------------------------------------------------------------------------
+
+def test_twin_quantizers_match_duo_jax():
+    """Forward values and straight-through gradients, thresholds and window edges included."""
+    torch = pytest.importorskip("torch")
+    import jax
+    import jax.numpy as jnp
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import torch_twin
+
+    from duo_jax import quant
+
+    edges = np.float32([-0.25, 0.0, 0.25, 0.5, 0.75, 1.0, 1.25])
+    # The float32 neighbours of each edge (of 0: +-1e-30; XLA's CPU flushes denormals to zero).
+    below = np.where(edges == 0, np.float32(-1e-30), np.nextafter(edges, np.float32(-2)))
+    above = np.where(edges == 0, np.float32(1e-30), np.nextafter(edges, np.float32(2)))
+    x = np.concatenate([np.random.default_rng(0).uniform(-0.5, 1.5, 200), edges, below, above]).astype(np.float32)
+    g = np.random.default_rng(1).standard_normal(x.shape).astype(np.float32)
+    for n, offset in ((1, 0.0), (2, 0.0), (1, -0.25), (1, 0.25)):
+        y, vjp = jax.vjp(lambda v: quant.levels(v, n, offset), jnp.asarray(x))
+        xt = torch.from_numpy(x).requires_grad_()
+        yt = torch_twin.levels(xt, n, offset)
+        yt.backward(torch.from_numpy(g))
+        np.testing.assert_array_equal(yt.detach().numpy(), y)
+        np.testing.assert_array_equal(xt.grad.numpy(), vjp(jnp.asarray(g))[0])
+    w = np.random.default_rng(2).standard_normal((3, 3, 4, 5)).astype(np.float32)
+    w[0, 0, 0, 0] = 0.0  # sign(0) = +1
+    wt = torch.from_numpy(w).requires_grad_()
+    torch_twin.binarize_weight(wt).backward(torch.from_numpy(w))
+    np.testing.assert_allclose(torch_twin.binarize_weight(torch.from_numpy(w)).numpy(), quant.binarize_weight(w),
+                               rtol=1e-6)
+    np.testing.assert_array_equal(wt.grad.numpy(), w)
+
+
+# ResNet with float weights: with binary weights and inputs, conv outputs take few values, and a
+# BatchNorm output can sit within rounding of a window edge, where the two libraries' last-bit
+# differences flip a straight-through mask (binarize_weight is compared directly above).
+TWIN_CASES = [  # family, mode, options, image side
+    ("vgg7", "binary", {"width_mult": 0.25}, 32),
+    ("vgg7", "decoupled", {"width_mult": 0.25}, 32),
+    ("resnet18", "coupled", {"width_mult": 0.125, "binarize_weights": False}, 33),  # odd: uneven 'SAME' pads
+]
+
+
+@pytest.mark.parametrize("family,mode,options,side", TWIN_CASES)
+def test_twin_matches_duo_jax_on_shared_weights(family, mode, options, side):
+    """Logits (training and inference mode) and every parameter's gradient agree."""
+    torch = pytest.importorskip("torch")
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import torch_twin
+
+    from duo_jax import models
+
+    model = models.create_model(family, mode=mode, num_classes=10, **options)
+    x = np.random.default_rng(0).standard_normal((4, side, side, 3)).astype(np.float32)
+    y = np.array([0, 3, 5, 9], np.int32)
+    variables = jax.jit(lambda k: model.init(k, x, train=False))(jax.random.key(1, impl="rbg"))
+    rng = np.random.default_rng(2)  # non-trivial BN statistics for the inference-mode check
+    stats = jax.tree.map(lambda s: jnp.asarray(rng.uniform(0.5, 1.5, s.shape).astype(np.float32)),
+                         variables["batch_stats"])
+    variables = {"params": variables["params"], "batch_stats": stats}
+
+    def loss_fn(params):
+        logits, _ = model.apply({"params": params, "batch_stats": stats}, x, train=True, mutable=["batch_stats"])
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y)), logits
+
+    (_, logits), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(variables["params"])
+    logits_eval = jax.jit(lambda v: model.apply(v, x, train=False))(variables)
+
+    twin = torch_twin.create_model(family, mode=mode, num_classes=10, **options)
+    torch_twin.load_duo_jax_variables(twin, variables)
+    xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+    twin.eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(twin(xt).numpy(), logits_eval, atol=1e-4 * np.abs(logits_eval).max())
+    twin.train()
+    out = twin(xt)
+    torch.nn.functional.cross_entropy(out, torch.from_numpy(y).long()).backward()
+    np.testing.assert_allclose(out.detach().numpy(), logits, atol=1e-4 * np.abs(logits).max())
+    modules = torch_twin.duo_jax_modules(twin)
+    for name, leaves in grads.items():
+        for leaf, g in leaves.items():
+            p = modules[name].bias if leaf == "bias" else modules[name].weight
+            tg = p.grad.numpy()
+            tg = tg.transpose(2, 3, 1, 0) if tg.ndim == 4 else (tg.T if tg.ndim == 2 else tg)
+            g = np.asarray(g)
+            np.testing.assert_allclose(tg, g, atol=1e-3 * np.abs(g).max() + 1e-7, err_msg=f"{name}/{leaf}")
