@@ -18,6 +18,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
+import logging
 import math
 import os
 import queue
@@ -168,6 +169,33 @@ class _TfdsSplit:
         return images, np.asarray([ex['label'] for ex in examples], np.int32)
 
 
+class _Slice:
+    """Examples ``[start, stop)`` of another split, re-indexed from 0."""
+
+    def __init__(self, base: Any, start: int, stop: int):
+        self._base, self._start, self._stop = base, start, stop
+        self.feature_shape = base.feature_shape
+
+    def __len__(self) -> int:
+        return self._stop - self._start
+
+    def read(self, indices: np.ndarray, map_: Callable) -> tuple[Sequence[np.ndarray], np.ndarray]:
+        return self._base.read(np.asarray(indices) + self._start, map_)
+
+
+def _carve_validation(train: Any, count: Any, name: str) -> tuple[Any, Any]:
+    """``(first len - count, last count)`` examples of ``train``: train and validation."""
+    try:
+        count = int(count)
+    except (TypeError, ValueError):
+        raise UserError(f'data.validation must be a number of examples, got {count!r}') from None
+    if not 0 < count < len(train):
+        raise UserError(f'data.validation={count} must be between 1 and {len(train) - 1}: the '
+                        f'training data of {name!r} has {len(train)} examples (after '
+                        'data.num_train); use a smaller data.validation, or 0 for none')
+    return _Slice(train, 0, len(train) - count), _Slice(train, len(train) - count, len(train))
+
+
 def _limit(available: int, requested: int | None, what: str) -> int:
     """Number of examples to use: the first ``requested`` (all when None)."""
     n = available if requested is None else min(int(requested), available)
@@ -177,8 +205,24 @@ def _limit(available: int, requested: int | None, what: str) -> int:
     return n
 
 
+class _NotPreparedNoise(logging.Filter):
+    """Drops tfds's "has no dataset_info.json" warnings: the error raised says it in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return 'has no dataset_info.json' not in record.getMessage()
+
+
 def _open_tfds(name: str, split: str, data_dir: str | None) -> Any:
     """``tfds.data_source(name, split)`` with one-line errors that say the fix."""
+    noise = _NotPreparedNoise()
+    logging.getLogger('absl').addFilter(noise)
+    try:
+        return _open_tfds_source(name, split, data_dir)
+    finally:
+        logging.getLogger('absl').removeFilter(noise)
+
+
+def _open_tfds_source(name: str, split: str, data_dir: str | None) -> Any:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
     build = f'tfds build {name} --file_format=array_record' + (
@@ -442,7 +486,10 @@ def create_dataset(data_config: ml_collections.ConfigDict, *, global_batch_size:
     Args:
       data_config: fields ``source``, ``name``, ``data_dir``, ``train_split``,
         ``eval_split``, ``augment``, ``image_size``, ``num_train``, ``num_eval``
-        and, for synthetic data, ``image_shape`` and ``num_classes``.
+        and, for synthetic data, ``image_shape`` and ``num_classes``. Optional
+        ``validation``: a number N > 0 of training examples (the last N after
+        ``num_train``) held out as the eval split in place of the test split,
+        for choosing hyperparameters without the test data; 0 or None: off.
       global_batch_size: training batch over all processes.
       eval_batch_size: evaluation batch over all processes.
       seed: data order and augmentation seed.
@@ -500,6 +547,8 @@ def create_dataset(data_config: ml_collections.ConfigDict, *, global_batch_size:
         num_classes = train.num_classes
     else:
         raise UserError(f'unknown data source {source!r}; use one of: {", ".join(_SOURCES)}')
+    if get('validation', None):
+        train, eval_ = _carve_validation(train, get('validation'), str(name))
 
     augment = get('augment', 'auto') or 'auto'
     if augment not in _AUGMENTS:
