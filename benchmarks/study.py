@@ -277,6 +277,9 @@ def study_main(args: argparse.Namespace) -> dict[str, Any]:
     for i, seed in enumerate(plan.seeds):
         print(f"seed {seed} ({i + 1}/{len(plan.seeds)})", flush=True)
         runs.append(run_seed(plan, seed, lrs, args))
+    elapsed = time.perf_counter() - t0
+    if args.report_only:  # the elapsed time of the command that trained, if it wrote one here
+        elapsed = (reporting.read_json(os.path.join(args.out, "study.json")) or {}).get("elapsed_s")
     summary = {m: describe([r["top1"][m] for r in runs]) for m in METHODS}
     paired = paired_difference(summary["binaryduo"]["values"], summary["baseline"]["values"])
     study = {
@@ -285,7 +288,7 @@ def study_main(args: argparse.Namespace) -> dict[str, Any]:
         "summary": summary, "paired": paired, "verdict": verdict(paired),
         "decouple_exact_all_seeds": all(r["decouple"]["exact"] for r in runs),
         "wall_time": {m: describe([r["wall_time"][m] for r in runs]) for m in METHODS},
-        "costs": costs(plan), "elapsed_s": time.perf_counter() - t0,
+        "costs": costs(plan), "elapsed_s": elapsed,
         "train_wall_s": train_wall(dirs + [os.path.join(args.workdir, f"seed{s}") for s in plan.seeds]),
     }
     reporting.write_json_atomic(os.path.join(args.out, "study.json"), study)

@@ -99,8 +99,9 @@ def markdown(study: dict[str, Any]) -> str:
         [seed, _pct(r["decouple"]["coupled_top1"]), _pct(r["decouple"]["decoupled_top1"]),
          "yes" if r["decouple"]["exact"] else "NO", f"{r['decouple']['max_rel_logit_diff']:.1e}"]
         for seed, r in zip(plan["seeds"], study["runs"])])
+    took = "" if study.get("elapsed_s") is None else f"; the command took {study['elapsed_s'] / 60:.1f} min"
     lines += ["", f"Command: `{study['command']}`; training and evaluation took {study['train_wall_s'] / 60:.1f} min "
-              "(every phase's wall time, learning-rate selection included)."]
+              f"(every phase's wall time, learning-rate selection included){took}."]
     return "\n".join(lines) + "\n"
 
 
