@@ -8,7 +8,7 @@ the signs as bits ``b`` (1 for ``+1``)::
 
 so the layer is an integer GEMM on packed words (im2col over packed pixels
 for a conv), 32 inputs per ``uint32`` word. It is computed word-major: both
-operands ``(words, rows)``, a ``lax.fori_loop`` over words (unrolled 16)
+operands ``(words, rows)``, a ``lax.fori_loop`` over words (unrolled 8)
 accumulating ``population_count(a[w][:, None] & b[w][None, :])`` into a
 block of rows that stays in cache (the broadcast-and-reduce form is several
 times slower than float on CPU).
@@ -95,7 +95,7 @@ def _block_rows(n: int) -> int:
     return int(2 ** max(3, round(math.log2(max(1, 32768 // n)))))
 
 
-def popcount_matmul(a: Array, b: Array, block_rows: int | None = None, unroll: int = 16) -> Array:
+def popcount_matmul(a: Array, b: Array, block_rows: int | None = None, unroll: int = 8) -> Array:
     """``sum_w popcount(a[m, w] & b[w, n])`` as int32 ``(M, N)``, for ``a`` ``(M, W)`` and ``b`` ``(W, N)`` uint32."""
     m, w = a.shape
     n = b.shape[1]

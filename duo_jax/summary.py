@@ -10,13 +10,13 @@ value can be overridden as in ``duo_jax.main`` (``--config.model.options.
 binarize_weights=True``). :func:`totals` gives the same numbers to a program
 (``results.json``).
 
-The model is walked, not described: it runs once on a random image (batch
-1) with every call of a leaf module that holds variables (``QConv``,
-``QDense``, ``BatchNorm``, also plain ``nn.Conv``/``nn.Dense``) intercepted
-(``flax.linen.intercept_methods``). A layer's input precision is read off
-the values it receives (``{0, 1}``: binary; ``{0, 1/2, 1}``: ternary, two bit
-planes; else float), its weight precision off the kernel its
-``kernel_quantizer`` produces (one magnitude per output channel: 1-bit).
+The model is walked, not described (:mod:`duo_jax.walk`): it runs once on
+two random images with every call of a leaf module that holds variables
+(``QConv``, ``QDense``, ``BatchNorm``, also plain ``nn.Conv``/``nn.Dense``)
+intercepted. A layer's input precision is read off the values it receives
+(``{0, 1}``: binary; ``{0, 1/2, 1}``: ternary, two bit planes; else float),
+its weight precision off the kernel its ``kernel_quantizer`` produces (one
+magnitude per output channel: 1-bit).
 
 Conventions (Bi-Real Net, ReActNet), per image:
 
@@ -282,23 +282,29 @@ def main() -> None:
     from absl import flags
     from ml_collections import config_flags
 
-    try:
+    from duo_jax.main import _flag_error
+
+    try:  # the --config.* overrides are applied while the flag is defined
         config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).", lock_config=True)
         flags.DEFINE_string("json", None, "Also write the per-layer costs and totals here.")
         flags.DEFINE_string("input_shape", None, "H,W,C of one image (default: from the config's data).")
         flags.DEFINE_integer("num_classes", None, "Classifier outputs (default: from the config's data).")
         flags.DEFINE_bool("layers", True, "Print the per-layer tables too.")
         argv = flags.FLAGS(sys.argv)
+        config = flags.FLAGS.config
+        if config is not None:
+            config.get("model")  # loads the config file now, so that a bad path fails here
+    except (flags.Error, KeyError, AttributeError, TypeError, ValueError, OSError) as e:
+        print(f"error: bad flag or config: {_flag_error(e)}", file=sys.stderr)
+        sys.exit(2)
+    try:
         if len(argv) > 1:
             raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
-        config = flags.FLAGS.config
         if config is None:
             raise UserError("--config is required, e.g. --config=configs/vgg7_cifar10.py")
-        config.get("model")
         results = compare(config, flags.FLAGS.input_shape, flags.FLAGS.num_classes)
-    except (flags.Error, UserError, KeyError, AttributeError, TypeError, ValueError, OSError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"error: {' '.join(str(msg).split())}", file=sys.stderr)
+    except UserError as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         sys.exit(2)
     shape = next(iter(results.values()))["model"]["input_shape"]
     print(f"{config.model.name}, one {'x'.join(map(str, shape))} image:\n")
