@@ -4,7 +4,8 @@
 # PyTorch twin, binary (the baseline BNN) and fp (float reference); prints
 # images/s and model FLOP utilisation against the bf16 matmul rate measured in
 # the same run and against a datasheet peak (PEAK_TFLOPS, default 989: dense
-# bf16 of an H100/H200 SXM). About 3-4 minutes on an H200; at most 8.
+# bf16 of an H100/H200 SXM). Sized for at most 8 minutes: the benchmark is
+# stopped after LIMIT_S (default 450) seconds, its log kept.
 #
 #   bash benchmarks/gpu_check.sh                         # writes runs/gpu_check/
 #   OUT_DIR=DIR bash benchmarks/gpu_check.sh [--rounds=3 ...]

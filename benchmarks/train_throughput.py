@@ -2,26 +2,28 @@ r"""Training-step throughput: duo_jax's ``train_step`` against a PyTorch twin.
 
     python benchmarks/train_throughput.py --out=runs/bench/cpu.json        # the CPU table
     python benchmarks/train_throughput.py --quick                          # smoke test (seconds)
-    python benchmarks/train_throughput.py --device=gpu --dtype=bfloat16 \
-        --cases=resnet18_binary,resnet18_fp --batch=256                    # see gpu_check.sh
+    bash benchmarks/gpu_check.sh                                           # ResNet-18 on one GPU, bf16
 
 For each case (a model family, mode, batch and image shape, on synthetic
-data) it builds duo_jax's real training step, ``jax.jit(train.train_step,
-donate_argnums=0)`` on a ``train.create_state`` state with the authors' SGD
-(as ``duo_jax.phases`` does), and the PyTorch twin of the same network
-(``benchmarks/torch_twin.py``: same layers, widths and quantizers, SGD with
-Nesterov momentum). After warm-up, the two are timed interleaved, A B A B,
-``--rounds`` times ``--steps`` steps, and the medians are reported: images/s,
-the ratio duo_jax / PyTorch, and the fraction of the machine's matmul rate
-that the step reaches, with the step's FLOPs taken from XLA's cost analysis
-of the compiled step. The matmul rate is measured in the same run (float32
-on CPU, the ``--dtype`` on GPU): jax, NumPy and PyTorch, interleaved, the
-best of them is the reference. Binary cases are compared with the same
-network in ``fp`` mode (float ReLU, float weights): the quantizer overhead.
+data) it builds duo_jax's real training step, ``train.train_step`` jitted by
+``sharding.jit_train_step`` on a ``train.create_state`` state with the
+authors' SGD, as ``duo_jax.phases`` runs it (state donated), and the PyTorch
+twin of the same network (``benchmarks/torch_twin.py``: same layers, widths
+and quantizers, SGD with Nesterov momentum). After warm-up, a binary case and
+its ``fp`` reference (float ReLU and weights), both libraries, and a square
+matmul in jax, NumPy and PyTorch are run interleaved, A B C ..., for
+``--rounds`` rounds (``benchmarks/timing.py``). Reported, as medians:
+images/s, the ratio duo_jax / PyTorch (per-round ratios), the fraction of
+the best matmul rate of the same round that the step reaches (the step's
+FLOPs from XLA's cost analysis of the compiled step), the same in CPU time,
+and the quantizer overhead (binary step / fp step - 1).
 
-On CPU the process gets the XLA flags ``python -m duo_jax.main`` sets
-(``DUO_JAX_YNN=0`` turns them off, as there). PyTorch is optional (the
-``torch`` extra): without it the twin is reported as skipped.
+The machine may be shared: every round records how much of the CPUs other
+processes used, and the statistics are given over all rounds and over the
+quiet ones (others under 10 %); the targets are judged on the quiet rounds
+when there are at least 3. On CPU the process gets the XLA flags
+``python -m duo_jax.main`` sets (``DUO_JAX_YNN=0`` turns them off, as there).
+PyTorch is optional (the ``torch`` extra): without it the twin is skipped.
 """
 
 from __future__ import annotations
@@ -35,10 +37,13 @@ import platform
 import statistics
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Sequence
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [p for p in (_ROOT, os.path.join(_ROOT, "benchmarks")) if p not in sys.path]
+
+import timing  # noqa: E402  (benchmarks/timing.py)
+from steps import JaxStep, TorchStep, torch_or_reason  # noqa: E402  (benchmarks/steps.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,9 +62,9 @@ class Case:
 CASES = {
     "vgg7_binary": Case("vgg7", "binary", 128, (32, 32, 3), 10,
                         "binary VGG-7, baseline BNN widths 64-64-128-128-512-512, float weights", "vgg7_fp"),
+    "vgg7_fp": Case("vgg7", "fp", 128, (32, 32, 3), 10, "VGG-7 baseline widths, float ReLU (reference)"),
     "vgg7_decoupled": Case("vgg7", "decoupled", 128, (32, 32, 3), 10,
                            "binary VGG-7, BinaryDuo decoupled widths 3-45, 90-45, 90-90, 180-90, 180-336, 672-512"),
-    "vgg7_fp": Case("vgg7", "fp", 128, (32, 32, 3), 10, "VGG-7 baseline widths, float ReLU (reference)"),
     "resnet18_binary": Case("resnet18", "binary", 16, (224, 224, 3), 1000,
                             "binary ResNet-18 (baseline widths, binary weights), ImageNet shape", "resnet18_fp"),
     "resnet18_fp": Case("resnet18", "fp", 16, (224, 224, 3), 1000, "ResNet-18, float ReLU and weights (reference)"),
@@ -69,9 +74,10 @@ QUICK_CASES = ("vgg7_binary", "vgg7_fp")
 TARGETS = {"ratio_vs_torch": 1.0, "fraction_of_matmul": 0.80, "quantizer_overhead": 0.05}
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--cases", default=",".join(DEFAULT_CASES), help=f"comma-separated, of: {', '.join(CASES)}")
+    p.add_argument("--cases", default=None, help=f"comma-separated, of: {', '.join(CASES)}")
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="computation dtype of both networks (parameters stay float32)")
@@ -79,21 +85,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=0, help="square image side of every case (0: each case's own)")
     p.add_argument("--width-mult", type=float, default=1.0, help="scales every width (smoke tests)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps of each network after compiling")
-    p.add_argument("--rounds", type=int, default=5, help="timed rounds; each runs --steps steps of A, then of B")
-    p.add_argument("--steps", type=int, default=2, help="steps per round and network")
+    p.add_argument("--rounds", type=int, default=7, help="timed rounds; each runs --steps steps of A, then of B, ...")
+    p.add_argument("--steps", type=int, default=1, help="steps per round and network")
     p.add_argument("--matmul-size", type=int, default=0, help="side of the square matmul (0: 2048 CPU, 8192 GPU)")
     p.add_argument("--peak-tflops", type=float, default=0.0,
-                   help="a datasheet peak to report utilisation against as well (e.g. 989 for an H100/H200 in bf16)")
+                   help="a datasheet peak to report model FLOP utilisation against as well (989: H100/H200 bf16)")
     p.add_argument("--pipeline", action=argparse.BooleanOptionalAction, default=None,
                    help="also measure the input pipeline against the step (default: on for CPU, off for --quick)")
     p.add_argument("--torch", action=argparse.BooleanOptionalAction, default=True, help="time the PyTorch twin")
     p.add_argument("--quick", action="store_true",
-                   help="smoke test: tiny widths and batches, few steps (numbers mean nothing)")
+                   help="smoke test: tiny widths and batches, two rounds (the numbers mean nothing)")
     p.add_argument("--out", default="", help="write the results as JSON here")
     args = p.parse_args(argv)
     if args.quick:
-        if "--cases" not in " ".join(argv if argv is not None else sys.argv):
-            args.cases = ",".join(QUICK_CASES)
+        args.cases = args.cases or ",".join(QUICK_CASES)
         args.batch = args.batch or 8
         args.image_size = args.image_size or 32
         args.width_mult = min(args.width_mult, 0.125)
@@ -102,14 +107,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.pipeline is None:
         args.pipeline = args.device == "cpu" and not args.quick
     args.matmul_size = args.matmul_size or (2048 if args.device == "cpu" else 8192)
-    names = [c.strip() for c in args.cases.split(",") if c.strip()]
+    names = [c.strip() for c in (args.cases or ",".join(DEFAULT_CASES)).split(",") if c.strip()]
     unknown = [c for c in names if c not in CASES]
     if unknown or not names:
-        p.error(f"unknown case(s) {', '.join(unknown) or '(none)'}; known: {', '.join(CASES)}")
+        p.error(f"unknown case(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(CASES)}")
     args.case_names = names
-    for what in ("warmup", "rounds", "steps", "batch", "image_size", "matmul_size"):
-        if getattr(args, what) < (0 if what in ("warmup", "batch", "image_size") else 1):
-            p.error(f"--{what.replace('_', '-')} must be positive")
+    for what in ("rounds", "steps", "matmul_size"):
+        if getattr(args, what) < 1:
+            p.error(f"--{what.replace('_', '-')} must be at least 1")
+    for what in ("warmup", "batch", "image_size"):
+        if getattr(args, what) < 0:
+            p.error(f"--{what.replace('_', '-')} must not be negative")
     if not args.width_mult > 0:
         p.error("--width-mult must be positive")
     return args
@@ -121,228 +129,7 @@ def speed_flags(device: str) -> None:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
         from duo_jax import main as duo_main
 
-        duo_main._cpu_speed_flags()
-
-
-# ---------------------------------------------------------------------------
-# Timing
-# ---------------------------------------------------------------------------
-
-
-def interleaved(runners: dict[str, Callable[[int], None]], *, rounds: int, steps: int,
-                cpu: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
-    """Seconds per step of each runner: ``rounds`` rounds of ``steps`` steps of A, then B, ...
-
-    ``cpu``, when given, receives the process's CPU seconds per step (all threads) of
-    each runner: on a machine shared with other work, the work done rather than the
-    share of the cores that the process got.
-    """
-    out: dict[str, list[float]] = {k: [] for k in runners}
-    for _ in range(rounds):
-        for name, run in runners.items():
-            t0, c0 = time.perf_counter(), time.process_time()
-            run(steps)
-            out[name].append((time.perf_counter() - t0) / steps)
-            if cpu is not None:
-                cpu.setdefault(name, []).append((time.process_time() - c0) / steps)
-    return out
-
-
-def summary(times: list[float]) -> dict[str, Any]:
-    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
-            "times_s": list(times)}
-
-
-# ---------------------------------------------------------------------------
-# duo_jax
-# ---------------------------------------------------------------------------
-
-
-class JaxStep:
-    """duo_jax's jitted ``train_step`` on a synthetic batch, state donated."""
-
-    def __init__(self, case: Case, *, batch: int, image: tuple, width_mult: float, dtype: str):
-        import jax
-        import jax.numpy as jnp
-        import numpy as np
-
-        from duo_jax import config_lib, models, sharding, train
-
-        opts: dict[str, Any] = {"width_mult": width_mult}
-        if dtype != "float32":
-            opts["dtype"] = jnp.dtype(dtype)
-        self.model = models.create_model(case.family, mode=case.mode, num_classes=case.num_classes, **opts)
-        mesh = sharding.make_mesh()
-        self.put = lambda x: sharding.put_batch(x, sharding.batch_sharding(mesh))
-        rng = np.random.default_rng(0)
-        self.host_batch = {"image": rng.standard_normal((batch, *image), np.float32),
-                           "label": rng.integers(0, case.num_classes, batch).astype(np.int32)}
-        self.batch = {k: self.put(v) for k, v in self.host_batch.items()}
-        key = jax.random.key(0, impl="rbg")
-        variables = jax.jit(lambda k, x: self.model.init(k, x, train=False))(key, self.host_batch["image"][:1])
-        tx = train.make_optimizer(config_lib.sgd(0.1), steps_per_epoch=1000, total_steps=100_000)
-        self.state = sharding.put_replicated(train.create_state(self.model.apply, variables, tx, seed=0), mesh)
-        # As duo_jax.phases runs it: replicated state (donated), batch split over the devices.
-        self.step_fn = sharding.jit_train_step(train.train_step, mesh)
-        t0 = time.perf_counter()
-        self.compiled = self.step_fn.lower(self.state, self.batch).compile()
-        self.compile_s = time.perf_counter() - t0
-        self.xla_flops = _xla_flops(self.compiled)
-        self.model_flops = 3 * forward_matmul_flops(self.model, variables, self.batch["image"])
-        self._jax = jax
-
-    def __call__(self, n: int) -> None:
-        state, metrics = self.state, None
-        for _ in range(n):
-            state, metrics = self.compiled(state, self.batch)
-        self._jax.block_until_ready((state, metrics))
-        self.state, self.metrics = state, metrics
-
-
-def _xla_flops(compiled) -> float | None:
-    try:
-        cost = compiled.cost_analysis()
-    except Exception:  # pylint: disable=broad-except  # some backends have none
-        return None
-    cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
-    flops = (cost or {}).get("flops")
-    return float(flops) if flops else None
-
-
-def forward_matmul_flops(model, variables, images) -> float:
-    """2 x multiply-adds of every convolution and dot of one training-mode forward pass.
-
-    Counted from the jaxpr (``conv_general_dilated``, ``dot_general``), so it is
-    independent of the backend; ``3 x`` this is the usual "model FLOPs" of a
-    training step (the backward pass does twice the forward's work).
-    """
-    import jax
-    import numpy as np
-
-    def fwd(v, x):
-        return model.apply(v, x, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(0)})
-
-    return _jaxpr_flops(jax.make_jaxpr(fwd)(variables, images).jaxpr, np)
-
-
-def _jaxpr_flops(jaxpr, np) -> float:
-    total = 0.0
-    for eqn in jaxpr.eqns:
-        name = eqn.primitive.name
-        if name == "conv_general_dilated":
-            lhs, rhs = (v.aval for v in eqn.invars[:2])
-            out = eqn.outvars[0].aval
-            dn = eqn.params["dimension_numbers"]
-            kernel_in = rhs.shape[dn.rhs_spec[1]]
-            window = np.prod([rhs.shape[d] for d in dn.rhs_spec[2:]])
-            total += 2.0 * np.prod(out.shape) * kernel_in * window
-        elif name == "dot_general":
-            (lc, _), _ = eqn.params["dimension_numbers"]
-            lhs = eqn.invars[0].aval
-            total += 2.0 * np.prod(eqn.outvars[0].aval.shape) * np.prod([lhs.shape[d] for d in lc])
-        for sub in _subjaxprs(eqn.params):
-            total += _jaxpr_flops(sub, np)
-    return total
-
-
-def _subjaxprs(params):
-    for v in params.values():
-        for item in (v if isinstance(v, (list, tuple)) else (v,)):
-            if hasattr(item, "eqns"):
-                yield item
-            elif hasattr(item, "jaxpr") and hasattr(item.jaxpr, "eqns"):
-                yield item.jaxpr
-
-
-# ---------------------------------------------------------------------------
-# PyTorch twin
-# ---------------------------------------------------------------------------
-
-
-def torch_or_reason() -> tuple[Any, str]:
-    try:
-        import torch
-    except ImportError:
-        return None, "torch is not installed (pip install -e '.[torch]')"
-    return torch, ""
-
-
-class TorchStep:
-    """The twin's training step on a synthetic batch, NHWC (channels_last) memory."""
-
-    def __init__(self, case: Case, *, batch: int, image: tuple, width_mult: float, dtype: str, device: str):
-        import torch
-        import torch_twin
-
-        self.torch = torch
-        self.device = "cuda" if device == "gpu" else "cpu"
-        torch.manual_seed(0)
-        model = torch_twin.create_model(case.family, mode=case.mode, num_classes=case.num_classes,
-                                        width_mult=width_mult, in_channels=image[2])
-        self.model = model.to(self.device, memory_format=torch.channels_last)
-        autocast = torch.bfloat16 if dtype == "bfloat16" else None
-        self.step = torch_twin.make_train_step(self.model, autocast_dtype=autocast)
-        g = torch.Generator().manual_seed(0)
-        h, w, c = image
-        self.images = torch.randn(batch, c, h, w, generator=g).to(self.device, memory_format=torch.channels_last)
-        self.labels = torch.randint(0, case.num_classes, (batch,), generator=g).to(self.device)
-
-    def __call__(self, n: int) -> None:
-        metrics = None
-        for _ in range(n):
-            metrics = self.step(self.images, self.labels)
-        if self.device == "cuda":
-            self.torch.cuda.synchronize()
-        self.metrics = {k: float(v) for k, v in metrics.items()}
-
-
-# ---------------------------------------------------------------------------
-# Matmul rate
-# ---------------------------------------------------------------------------
-
-
-class Matmul:
-    """Square ``size`` matmuls in jax, NumPy (CPU) and PyTorch: runners for :func:`interleaved`."""
-
-    def __init__(self, size: int, *, dtype: str, device: str, torch):
-        import jax
-        import jax.numpy as jnp
-        import numpy as np
-
-        rng = np.random.default_rng(1)
-        a_np, b_np = (rng.standard_normal((size, size), np.float32) for _ in range(2))
-        a, b = (jax.device_put(m.astype(jnp.dtype(dtype))) for m in (a_np, b_np))
-        mm = jax.jit(jnp.matmul)
-        reps = 10 if device == "gpu" else 1  # one GPU matmul is too short to time alone
-        self.size, self.dtype, self.flops = size, dtype, 2.0 * size**3 * reps
-        self.runners: dict[str, Callable[[int], None]] = {}
-
-        def run_jax(n):
-            out = None
-            for _ in range(n * reps):
-                out = mm(a, b)
-            out.block_until_ready()
-
-        self.runners["matmul_jax"] = run_jax
-        if device == "cpu":
-            self.runners["matmul_numpy"] = lambda n: [a_np @ b_np for _ in range(n)]
-        if torch is not None:
-            tdev = "cuda" if device == "gpu" else "cpu"
-            at, bt = (torch.from_numpy(m).to(tdev, getattr(torch, dtype)) for m in (a_np, b_np))
-
-            def run_torch(n):
-                for _ in range(n * reps):
-                    torch.mm(at, bt)
-                if tdev == "cuda":
-                    torch.cuda.synchronize()
-
-            self.runners["matmul_torch"] = run_torch
-        for run in self.runners.values():
-            run(1)  # warm-up: compilation, library start-up
-
-    def rates(self, times: dict[str, list[float]]) -> dict[str, float]:
-        """FLOP/s of each library (median over rounds) from :func:`interleaved`'s times."""
-        return {k.removeprefix("matmul_"): self.flops / statistics.median(times[k]) for k in self.runners}
+        duo_main._cpu_speed_flags()  # pylint: disable=protected-access
 
 
 # ---------------------------------------------------------------------------
@@ -350,11 +137,10 @@ class Matmul:
 # ---------------------------------------------------------------------------
 
 
-def pipeline_rates(case: Case, *, batch: int, image: tuple, jax_step: JaxStep, rounds: int, steps: int) -> dict:
+def pipeline_rates(case: Case, *, batch: int, image: tuple, jax_step: JaxStep, rounds: int) -> dict[str, Any]:
     """Can ``duo_jax.input_pipeline`` feed the step? Its batch rate alone, and the
     real ``train_loop`` fed by its prefetching iterator vs by one resident batch."""
     import ml_collections
-    import numpy as np
 
     from duo_jax import input_pipeline, train
 
@@ -370,28 +156,83 @@ def pipeline_rates(case: Case, *, batch: int, image: tuple, jax_step: JaxStep, r
         data.train_batch(s + 1)
     host_s = (time.perf_counter() - t0) / n_batches
 
-    resident = jax_step.host_batch
-
     def loop(batch_iter):
         def run(n):
             start = int(jax_step.state.step)
             jax_step.state = train.train_loop(
                 jax_step.state, num_steps=start + n, batch_iter=batch_iter, step_fn=jax_step.compiled,
-                put=jax_step.put,                save=lambda s: None, log_every=n, checkpoint_every=10**9, on_log=lambda *a: None, phase="bench")
+                put=jax_step.put, save=lambda s: None, log_every=n, checkpoint_every=10**9,
+                on_log=lambda *a: None, phase="bench")
         return run
 
-    def constant(start):
+    def resident(start):
         while True:
-            yield resident
+            yield jax_step.host_batch
 
-    runners = {"pipeline": loop(data.train_iter), "resident": loop(constant)}
+    runners = {"pipeline": loop(data.train_iter), "resident": loop(resident)}
     for run in runners.values():
         run(1)  # warm-up: the loop's own jitted checks compile here
-    times = interleaved(runners, rounds=rounds, steps=steps)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    r = timing.interleaved(runners, rounds=rounds, steps=1)
+    idx = timing.quiet_rounds(r)
+    idx = idx if len(idx) >= timing.MIN_QUIET_ROUNDS else list(range(r.num_rounds))
     return {"augment": data_cfg.augment, "host_batch_s": host_s, "host_images_per_s": batch / host_s,
-            "loop_step_s": med, "loop_slowdown": med["pipeline"] / med["resident"] - 1.0,
-            "times_s": times}
+            "loop_slowdown": timing.paired([r.wall["pipeline"][i] for i in idx], [r.wall["resident"][i] for i in idx]) - 1,
+            "rounds_used": len(idx), "wall_s": r.wall, "others_cpu_share": r.others_per_round()}
+
+
+# ---------------------------------------------------------------------------
+# Statistics
+# ---------------------------------------------------------------------------
+
+
+def case_stats(rounds: timing.Rounds, idx: list[int], name: str, jstep: JaxStep, matmul: timing.Matmul,
+               with_torch: bool, peak_tflops: float) -> dict[str, Any]:
+    """A case's numbers over the rounds ``idx`` (medians; ratios and fractions paired by round)."""
+    flops = jstep.xla_flops or jstep.model_flops
+    batch = jstep.batch["label"].shape[0]
+    best = matmul.best_per_round(rounds)
+    cpu_best = matmul.best_per_cpu_second(rounds, idx)
+    out: dict[str, Any] = {"rounds": len(idx), "matmul_flop_per_s": matmul.rates(rounds, idx)}
+    for lib in ("duo_jax", "torch") if with_torch else ("duo_jax",):
+        wall = [rounds.wall[f"{name}/{lib}"][i] for i in idx]
+        cpu = [rounds.cpu[f"{name}/{lib}"][i] for i in idx]
+        frac = statistics.median(flops / rounds.wall[f"{name}/{lib}"][i] / best[i] for i in idx)
+        s = {"median_s": statistics.median(wall), "images_per_s": batch / statistics.median(wall),
+             "fraction_of_matmul": frac, "mfu_vs_measured": frac * jstep.model_flops / flops,
+             "cpu_s": statistics.median(cpu), "fraction_of_matmul_cpu_time": flops / statistics.median(cpu) / cpu_best}
+        if peak_tflops:
+            s["mfu_vs_datasheet"] = jstep.model_flops / s["median_s"] / (peak_tflops * 1e12)
+        out[lib] = s
+    if with_torch:
+        pick = lambda d, lib: [d[f"{name}/{lib}"][i] for i in idx]
+        out["ratio_vs_torch"] = timing.paired(pick(rounds.wall, "torch"), pick(rounds.wall, "duo_jax"))
+        out["ratio_vs_torch_cpu_time"] = timing.paired(pick(rounds.cpu, "torch"), pick(rounds.cpu, "duo_jax"))
+    return out
+
+
+def headline(entry: dict[str, Any]) -> dict[str, Any]:
+    """The quiet rounds' statistics where there are enough, else all rounds'."""
+    return entry["quiet"] or entry["all"]
+
+
+def targets(results: dict, overhead: dict) -> dict[str, Any]:
+    """The CPU targets, for the binary VGG-7 step: measured value and whether it is met."""
+    out: dict[str, Any] = {}
+    res = results.get("vgg7_binary")
+    if res is None:
+        return out
+    h = headline(res)
+    rounds = f"{h['rounds']} quiet rounds" if res["quiet"] else f"all {h['rounds']} rounds, too few quiet"
+    if "ratio_vs_torch" in h:
+        out["ratio_vs_torch"] = {"target": TARGETS["ratio_vs_torch"], "value": h["ratio_vs_torch"]}
+    out["fraction_of_matmul"] = {"target": TARGETS["fraction_of_matmul"], "value": h["duo_jax"]["fraction_of_matmul"]}
+    if "vgg7_binary" in overhead:
+        o = overhead["vgg7_binary"]
+        out["quantizer_overhead"] = {"target": TARGETS["quantizer_overhead"], "value": headline(o)["duo_jax"]}
+    for k, t in out.items():
+        t["met"] = t["value"] <= t["target"] if k == "quantizer_overhead" else t["value"] >= t["target"]
+        t["rounds"] = rounds
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -407,7 +248,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     want = "cpu" if args.device == "cpu" else "gpu"
     if platform_name != want:
         raise SystemExit(f"error: --device={args.device} but jax runs on {platform_name}; "
-                         "install jax for that device or pick the other --device")
+                         "install jax for that device or choose the other --device")
     torch, skip_reason = torch_or_reason() if args.torch else (None, "--no-torch")
     if torch is not None and args.device == "gpu":
         if not torch.cuda.is_available():
@@ -425,59 +266,70 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads() if torch is not None else None,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "warmup": args.warmup, "rounds": args.rounds, "steps": args.steps, "quick": args.quick,
+        "quiet_round": f"other processes under {timing.QUIET_OTHERS:.0%} of the CPUs",
         "load_average_at_start": os.getloadavg()[0],
     }
     print(f"# {meta['date']}  jax {meta['jax']} on {meta['jax_device']}  torch {meta['torch'] or '(skipped)'}  "
           f"XLA_FLAGS={meta['xla_flags']!r}", flush=True)
-
-    # The matmul rate is timed in every round of every case, next to the steps (load changes).
-    matmul = Matmul(args.matmul_size, dtype="float32" if args.device == "cpu" else args.dtype,
-                    device=args.device, torch=torch)
-    print(f"matmul {matmul.size}^3 {matmul.dtype}: " + ", ".join(
-        f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in matmul.rates(interleaved(matmul.runners, rounds=3, steps=1)).items()),
-          flush=True)
+    matmul = timing.Matmul(args.matmul_size, dtype="float32" if args.device == "cpu" else args.dtype,
+                           device=args.device, torch=torch)
 
     results: dict[str, Any] = {}
-    pipeline: dict[str, Any] = {}
     overhead: dict[str, Any] = {}
+    pipeline: dict[str, Any] = {}
     out = {"meta": meta, "matmul": {"size": matmul.size, "dtype": matmul.dtype}, "cases": results,
            "quantizer_overhead": overhead, "pipeline": pipeline, "targets": {}}
     for group in case_groups(args.case_names):
-        steps: dict[str, tuple[JaxStep, TorchStep | None]] = {}
-        runners: dict[str, Callable[[int], None]] = {}
+        steps: dict[str, JaxStep] = {}
+        runners: dict[str, timing.Runner] = {}
         for name in group:
             case = CASES[name]
             batch = args.batch or case.batch
             image = (args.image_size, args.image_size, case.image[2]) if args.image_size else case.image
-            jstep = JaxStep(case, batch=batch, image=image, width_mult=args.width_mult, dtype=args.dtype)
-            tstep = None
+            steps[name] = JaxStep(case, batch=batch, image=image, width_mult=args.width_mult, dtype=args.dtype)
+            print(f"  {name}: compiled in {steps[name].compile_s:.1f} s, "
+                  f"{(steps[name].xla_flops or 0) / 1e9:.1f} GFLOP/step (XLA)", flush=True)
+            runners[f"{name}/duo_jax"] = steps[name]
             if torch is not None:
-                tstep = TorchStep(case, batch=batch, image=image, width_mult=args.width_mult, dtype=args.dtype,
-                                  device=args.device)
-                runners[f"{name}/torch"] = tstep
-            runners[f"{name}/duo_jax"] = jstep
-            steps[name] = (jstep, tstep)
+                runners[f"{name}/torch"] = TorchStep(case, batch=batch, image=image, width_mult=args.width_mult,
+                                                     dtype=args.dtype, device=args.device)
         for r in runners.values():
             r(max(1, args.warmup))
         # Every network of the group and the matmuls, interleaved: A B C ... A B C ...
-        cpu: dict[str, list[float]] = {}
-        times = interleaved({**runners, **matmul.runners}, rounds=args.rounds, steps=args.steps, cpu=cpu)
-        for name, (jstep, tstep) in steps.items():
-            results[name] = _case_result(CASES[name], jstep, tstep, name, times, cpu, matmul, args, skip_reason)
-            print(_row(name, results[name]) + "  matmul " + ", ".join(
-                f"{k} {v / 1e9:.0f}" for k, v in results[name]["matmul_flop_per_s"].items()) + " GFLOP/s", flush=True)
-        for name in group:
-            ref = CASES[name].fp_reference
-            if ref in group:  # paired: the ratio of the two steps within each round, median over rounds
-                overhead[name] = {"fp_case": ref, "overhead": _paired(times[f"{name}/duo_jax"], times[f"{ref}/duo_jax"]) - 1}
-                if torch is not None:
-                    overhead[name]["torch_overhead"] = _paired(times[f"{name}/torch"], times[f"{ref}/torch"]) - 1
-        for name, (jstep, _) in steps.items():
-            if args.pipeline and CASES[name].mode == "binary" and args.device == "cpu":
-                case = CASES[name]
-                pipeline[name] = pipeline_rates(case, batch=results[name]["batch"], image=tuple(results[name]["image"]),
-                                                jax_step=jstep, rounds=args.rounds, steps=args.steps)
-                p = pipeline[name]
+        rounds = timing.interleaved({**runners, **matmul.runners}, rounds=args.rounds, steps=args.steps)
+        quiet = timing.quiet_rounds(rounds)
+        sets = {"all": list(range(args.rounds)), "quiet": quiet if len(quiet) >= timing.MIN_QUIET_ROUNDS else None}
+        for name, jstep in steps.items():
+            case = CASES[name]
+            res = {"note": case.note, "family": case.family, "mode": case.mode, "batch": jstep.batch["label"].shape[0],
+                   "image": list(jstep.batch["image"].shape[1:]), "width_mult": args.width_mult,
+                   "compile_s": jstep.compile_s, "xla_flops_per_step": jstep.xla_flops,
+                   "model_flops_per_step": jstep.model_flops, "loss_after": jstep.loss()}
+            if torch is None:
+                res["torch_skipped"] = skip_reason
+            for key, idx in sets.items():
+                res[key] = idx and case_stats(rounds, idx, name, jstep, matmul, torch is not None, args.peak_tflops)
+            res["rounds"] = {"others_cpu_share": rounds.others_per_round(),
+                             "matmul_best_flop_per_s": matmul.best_per_round(rounds),
+                             **{f"{lib}_s": rounds.wall[f"{name}/{lib}"] for lib in ("duo_jax", "torch")
+                                if f"{name}/{lib}" in rounds.wall},
+                             **{f"{lib}_cpu_s": rounds.cpu[f"{name}/{lib}"] for lib in ("duo_jax", "torch")
+                                if f"{name}/{lib}" in rounds.cpu}}
+            results[name] = res
+            print(_row(name, res), flush=True)
+            ref = case.fp_reference
+            if ref in steps:  # per-round ratio of the binary step to the fp step, median over rounds
+                overhead[name] = {"fp_case": ref}
+                for key, idx in sets.items():
+                    overhead[name][key] = idx and {
+                        lib: timing.paired([rounds.wall[f"{name}/{lib}"][i] for i in idx],
+                                           [rounds.wall[f"{ref}/{lib}"][i] for i in idx]) - 1
+                        for lib in ("duo_jax", "torch") if f"{name}/{lib}" in rounds.wall}
+        for name, jstep in steps.items():
+            if args.pipeline and CASES[name].mode == "binary":
+                pipeline[name] = p = pipeline_rates(CASES[name], batch=results[name]["batch"],
+                                                    image=tuple(results[name]["image"]), jax_step=jstep,
+                                                    rounds=args.rounds)
                 print(f"  input pipeline ({p['augment']}): {p['host_images_per_s']:.0f} images/s alone; "
                       f"train_loop fed by it {100 * p['loop_slowdown']:+.1f}% vs a resident batch", flush=True)
         del steps, runners
@@ -489,69 +341,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def case_groups(names: list[str]) -> list[list[str]]:
-    """The cases, each binary one with its fp reference (timed together), in the given order."""
+    """The cases, each binary one with its fp reference when both are asked for, in order."""
     groups: list[list[str]] = []
     placed: set[str] = set()
     for name in names:
         if name in placed:
             continue
-        ref = CASES[name].fp_reference
-        partner = next((n for n in names if n != name and (n == ref or CASES[n].fp_reference == name)), None)
-        group = [name] + ([partner] if partner and partner not in placed else [])
-        groups.append(group)
-        placed.update(group)
+        partner = next((n for n in names if n not in placed and n != name
+                        and (n == CASES[name].fp_reference or CASES[n].fp_reference == name)), None)
+        groups.append([name] + ([partner] if partner else []))
+        placed.update(groups[-1])
     return groups
-
-
-def _paired(a: list[float], b: list[float]) -> float:
-    """Median over rounds of ``a[r] / b[r]`` (both timed in round r)."""
-    return statistics.median(x / y for x, y in zip(a, b))
-
-
-def _case_result(case: Case, jstep: JaxStep, tstep, name: str, times: dict, cpu: dict, matmul: Matmul,
-                 args: argparse.Namespace, skip_reason: str) -> dict[str, Any]:
-    """One case's numbers from the times of its group's interleaved rounds."""
-    rates = matmul.rates(times)
-    peaks = [max(matmul.flops / times[k][r] for k in matmul.runners) for r in range(args.rounds)]
-    batch = jstep.batch["label"].shape[0]
-    flops = jstep.xla_flops or jstep.model_flops
-    jt_all = times[f"{name}/duo_jax"]
-    res: dict[str, Any] = {
-        "note": case.note, "family": case.family, "mode": case.mode, "batch": batch,
-        "image": list(jstep.batch["image"].shape[1:]), "width_mult": args.width_mult, "compile_s": jstep.compile_s,
-        "matmul_flop_per_s": rates, "matmul_peak_flop_per_s": max(rates.values()),
-        "matmul_peak_flop_per_s_rounds": peaks,
-        "xla_flops_per_step": jstep.xla_flops, "model_flops_per_step": jstep.model_flops,
-        "duo_jax": summary(jt_all), "loss_after": float(jstep.metrics["loss"]) / batch,
-    }
-
-    def rates_of(t_all: list[float]) -> dict[str, float]:
-        t = statistics.median(t_all)
-        # Fractions are paired too: the step's FLOP/s in round r over the best matmul rate in round r.
-        frac = statistics.median(flops / x / p for x, p in zip(t_all, peaks))
-        out = {"images_per_s": batch / t, "fraction_of_matmul": frac,
-               "mfu_vs_measured": frac * jstep.model_flops / flops}
-        if args.peak_tflops:
-            out["mfu_vs_datasheet"] = jstep.model_flops / t / (args.peak_tflops * 1e12)
-        return out
-
-    # The same in CPU time (all threads): the matmul's FLOP per CPU second against the step's.
-    cpu_peak = max(matmul.flops / statistics.median(cpu[k]) for k in matmul.runners)
-    res["matmul_peak_flop_per_cpu_s"] = cpu_peak
-
-    def cpu_of(key: str) -> dict[str, float]:
-        c = statistics.median(cpu[key])
-        return {"cpu_s": c, "fraction_of_matmul_cpu_time": flops / c / cpu_peak}
-
-    res["duo_jax"].update(rates_of(jt_all), **cpu_of(f"{name}/duo_jax"))
-    if tstep is not None:
-        tt_all = times[f"{name}/torch"]
-        res["torch"] = {**summary(tt_all), **rates_of(tt_all), **cpu_of(f"{name}/torch")}
-        res["ratio_vs_torch"] = _paired(tt_all, jt_all)
-        res["ratio_vs_torch_cpu_time"] = _paired(cpu[f"{name}/torch"], cpu[f"{name}/duo_jax"])
-    else:
-        res["torch"] = {"skipped": skip_reason}
-    return res
 
 
 def _write(path: str, out: dict) -> None:
@@ -561,46 +361,40 @@ def _write(path: str, out: dict) -> None:
             json.dump(out, f, indent=1)
 
 
-def targets(results: dict, overhead: dict) -> dict[str, Any]:
-    """The CPU targets, for the binary VGG-7 step: measured value and whether it is met."""
-    out = {}
-    res = results.get("vgg7_binary")
-    if res is None:
-        return out
-    if "ratio_vs_torch" in res:
-        out["ratio_vs_torch"] = {"target": TARGETS["ratio_vs_torch"], "value": res["ratio_vs_torch"]}
-    out["fraction_of_matmul"] = {"target": TARGETS["fraction_of_matmul"], "value": res["duo_jax"]["fraction_of_matmul"]}
-    if "vgg7_binary" in overhead:
-        out["quantizer_overhead"] = {"target": TARGETS["quantizer_overhead"], "value": overhead["vgg7_binary"]["overhead"]}
-    for k, t in out.items():
-        t["met"] = t["value"] <= t["target"] if k == "quantizer_overhead" else t["value"] >= t["target"]
-    return out
-
-
 def _row(name: str, res: dict) -> str:
-    j, t = res["duo_jax"], res["torch"]
-    tor = f"{t['images_per_s']:8.1f}" if "images_per_s" in t else "  skipped"
-    ratio = f"{res['ratio_vs_torch']:5.2f}" if "ratio_vs_torch" in res else "    -"
-    ratio_cpu = f"{res['ratio_vs_torch_cpu_time']:5.2f}" if "ratio_vs_torch_cpu_time" in res else "    -"
-    tfrac = f"{100 * t['fraction_of_matmul']:5.1f}" if "fraction_of_matmul" in t else "    -"
-    return (f"| {name:16s} | {res['batch']:5d} | {j['images_per_s']:8.1f} | {tor} | {ratio} | {ratio_cpu} | "
-            f"{100 * j['fraction_of_matmul']:5.1f} | {tfrac} | {res['xla_flops_per_step'] or 0:9.3e} |")
+    h = headline(res)
+    j, t = h["duo_jax"], h.get("torch")
+    fmt = lambda v, f: format(v, f) if v is not None else "-"
+    return (f"| {name} | {res['batch']} | {h['rounds']} {'quiet' if res['quiet'] else 'all'} "
+            f"| {j['images_per_s']:.1f} | {fmt(t and t['images_per_s'], '.1f')} "
+            f"| {fmt(h.get('ratio_vs_torch'), '.2f')} | {fmt(h.get('ratio_vs_torch_cpu_time'), '.2f')} "
+            f"| {100 * j['fraction_of_matmul']:.1f} | {fmt(t and 100 * t['fraction_of_matmul'], '.1f')} "
+            f"| {100 * j['fraction_of_matmul_cpu_time']:.1f} | {res['xla_flops_per_step'] or 0:.3e} |")
 
 
 def table(out: dict) -> str:
-    lines = ["| case             | batch | duo_jax img/s | torch img/s | jax/torch | jax/torch CPU time "
-             "| jax % matmul | torch % matmul | XLA FLOP/step |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| case | batch | rounds | duo_jax img/s | PyTorch img/s | duo_jax / PyTorch | same, CPU time "
+             "| duo_jax % of matmul | PyTorch % of matmul | duo_jax % of matmul, CPU time | XLA FLOP/step |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [_row(n, r) for n, r in out["cases"].items()]
+    for n, r in out["cases"].items():  # model FLOPs: 3x the forward pass's convolutions and dense layers
+        h = headline(r)
+        mfu = ", ".join(f"{lib} {100 * h[lib]['mfu_vs_measured']:.1f}% of the measured matmul rate"
+                        + (f", {100 * h[lib]['mfu_vs_datasheet']:.1f}% of the datasheet peak"
+                           if "mfu_vs_datasheet" in h[lib] else "")
+                        for lib in ("duo_jax", "torch") if lib in h)
+        lines.append(f"model FLOP utilisation {n} ({r['model_flops_per_step'] / 1e9:.1f} GFLOP/step): {mfu}")
     for n, o in out["quantizer_overhead"].items():
-        extra = f", PyTorch twin {100 * o['torch_overhead']:+.1f}%" if "torch_overhead" in o else ""
-        lines.append(f"quantizer overhead {n} vs {o['fp_case']}: duo_jax {100 * o['overhead']:+.1f}%{extra}")
+        h = headline(o)
+        extra = f", PyTorch twin {100 * h['torch']:+.1f}%" if "torch" in h else ""
+        lines.append(f"quantizer overhead {n} vs {o['fp_case']}: duo_jax {100 * h['duo_jax']:+.1f}%{extra}")
     for k, t in out["targets"].items():
-        lines.append(f"target {k}: {t['value']:.3f} (target {t['target']}) {'met' if t['met'] else 'NOT met'}")
+        lines.append(f"target {k}: {t['value']:.3f} (target {t['target']}, {t['rounds']}) "
+                     f"{'met' if t['met'] else 'NOT met'}")
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     run(parse_args(argv))
 
 
