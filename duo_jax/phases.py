@@ -128,6 +128,7 @@ class Runner:
         self._step_fn = sharding.jit_train_step(train.train_step, self.mesh)
         self._eval_fn = sharding.jit_eval_step(train.eval_step, self.mesh)
         self._abstract: dict[Any, dict] = {}
+        self._models: dict[str, Any] = {}
         self._sigterm = train.SigtermFlag()  # entered by run()
 
     def validate(self) -> None:
@@ -160,6 +161,13 @@ class Runner:
     # -- helpers --------------------------------------------------------------
 
     def model(self, mode: str):
+        """The config's model in ``mode``; one object per mode, so jitted steps that take its
+        ``apply`` as a static argument compile once per mode, not once per phase."""
+        if mode not in self._models:
+            self._models[mode] = self._create_model(mode)
+        return self._models[mode]
+
+    def _create_model(self, mode: str):
         opts = dict(self.config.model.get("options", {}))
         if isinstance(opts.get("dtype"), str):
             opts["dtype"] = jnp.dtype(opts["dtype"])
