@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 import tqdm
 
-from duo_jax import checkpointing, input_pipeline, layers, models, reporting, sharding, train
+from duo_jax import checkpointing, input_pipeline, layers, models, reporting, sharding, summary, train
 from duo_jax.decouple import decouple
 from duo_jax.errors import UserError
 
@@ -129,6 +129,7 @@ class Runner:
         self._eval_fn = sharding.jit_eval_step(train.eval_step, self.mesh)
         self._abstract: dict[Any, dict] = {}
         self._models: dict[str, Any] = {}
+        self._costs: dict[str, Any] = {}
         self._sigterm = train.SigtermFlag()  # entered by run()
 
     def validate(self) -> None:
@@ -166,6 +167,20 @@ class Runner:
         if mode not in self._models:
             self._models[mode] = self._create_model(mode)
         return self._models[mode]
+
+    def cost(self, mode: str) -> dict[str, Any] | None:
+        """Cost totals per image of the config's model in ``mode`` (:func:`duo_jax.summary.totals`).
+
+        None, with a warning, for a model the summary cannot walk: the figures
+        are a report, and a model that trains should not fail for want of them.
+        """
+        if mode not in self._costs:
+            try:
+                self._costs[mode] = summary.totals(self.model(mode), self.data.info.image_shape)
+            except (ValueError, TypeError, NotImplementedError, UserError) as e:
+                _log.warning("no cost figures for the %s model: %s", mode, " ".join(str(e).split()))
+                self._costs[mode] = None
+        return self._costs[mode]
 
     def _create_model(self, mode: str):
         opts = dict(self.config.model.get("options", {}))
@@ -329,7 +344,7 @@ class Runner:
             "top1": final["top1"], "top5": final["top5"], "loss": final["loss"],
             "best_top1": max(h["top1"] for h in history["eval_history"]),
             "steps": num_steps, "epochs": num_steps / spe, "wall_time": time.perf_counter() - start_time,
-            **history,
+            "cost": self.cost(ph.mode), **history,
         }
 
     def decouple_phase(self, name: str, ckpt: checkpointing.PhaseCheckpoints, writer) -> dict:
@@ -353,6 +368,7 @@ class Runner:
             "coupled_top1": before["top1"], "coupled_top5": before["top5"],
             "top1": after["top1"], "top5": after["top5"], "loss": after["loss"],
             "max_rel_logit_diff": rel_diff, "steps": 0, "wall_time": time.perf_counter() - t0,
+            "cost": self.cost("decoupled"),
         }
         writer.scalars(0, {"coupled_top1": before["top1"], "decoupled_top1": after["top1"]}, prefix=f"{name}/")
         if self.progress:

@@ -7,11 +7,13 @@ import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from duo_jax import checkpointing, phases
+from duo_jax import checkpointing, models, phases
 from duo_jax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,6 +50,14 @@ def test_quickstart_runlocal_all_phases(tmp_path):
     results = phases.run(config, workdir, progress=False)
     check_run(workdir, results, ["coupled", "decouple", "finetune", "baseline"])
     assert results["finetune"]["parent"] == "decouple"
+    # Each phase's cost figures describe its model: the parameter count of the model built here.
+    sample = jax.ShapeDtypeStruct((1, 28, 28, 1), jnp.float32)
+    for r in results.values():
+        model = models.create_model("vgg7", mode=r["mode"], num_classes=10, **dict(config.model.options))
+        params = jax.eval_shape(lambda s: model.init(jax.random.key(0), s, train=False), sample)["params"]
+        assert r["cost"]["params"] == sum(p.size for p in jax.tree.leaves(params)) > 0
+        assert r["cost"]["float_macs"] > 0  # float weights: every conv and dense layer counts float MACs
+    assert results["finetune"]["cost"] == results["decouple"]["cost"]
     # A rerun skips every complete phase and returns the same results.
     again = phases.run(config, workdir, progress=False)
     assert again == json.loads(json.dumps(results))
