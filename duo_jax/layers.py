@@ -27,6 +27,7 @@ parameter trees of the coupled and decoupled models have the same paths.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Sequence
 
@@ -106,6 +107,70 @@ def _half(x: Array) -> int:
             f"a decoupled tensor holds two copies of its channels, got {x.shape[-1]} channels"
         )
     return x.shape[-1] // 2
+
+
+# ---------------------------------------------------------------------------
+# Pooling
+# ---------------------------------------------------------------------------
+
+
+def max_pool(x: Array, window: Sequence[int], strides: Sequence[int] | None = None,
+             padding: PaddingLike = "VALID") -> Array:
+    """``flax.linen.max_pool`` of an ``NHWC`` batch, with the same values and gradients.
+
+    Non-overlapping windows (``strides == window``, ``VALID`` padding) take a
+    faster path: the forward is a reshape and a max, and the backward an
+    element-wise mask that gives each window's gradient to its *first*
+    maximum in row-major order, as the select-and-scatter of
+    ``nn.max_pool``'s gradient does, ties included. On CPU XLA expands that
+    select-and-scatter into index arithmetic and a scatter, the largest cost of
+    VGG-7's training step outside its convolutions. Overlapping or padded
+    windows (AlexNet, the ResNet stem) use ``nn.max_pool``.
+    """
+    window = tuple(window)
+    strides = tuple(strides) if strides is not None else window
+    if x.ndim != 4 or len(window) != 2 or strides != window or padding != "VALID":
+        return nn.max_pool(x, window, strides, padding)
+    kh, kw = window
+    b, h, w, c = x.shape
+    if h < kh or w < kw:
+        return nn.max_pool(x, window, strides, padding)
+    return _window_max(x[:, : h - h % kh, : w - w % kw], window)  # VALID drops a partial last window
+
+
+def _blocks(x: Array, window: tuple[int, int]) -> Array:
+    b, h, w, c = x.shape
+    kh, kw = window
+    return x.reshape(b, h // kh, kh, w // kw, kw, c)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _window_max(x: Array, window: tuple[int, int]) -> Array:
+    return jnp.max(_blocks(x, window), axis=(2, 4))
+
+
+def _window_max_fwd(x: Array, window: tuple[int, int]):
+    y = _window_max(x, window)
+    return y, (x, y)
+
+
+def _window_max_bwd(window: tuple[int, int], res, g: Array):
+    x, y = res
+    xr = _blocks(x, window)
+    kh, kw = window
+    taken = jnp.zeros(y.shape, bool)
+    rows = []
+    for i in range(kh):  # row-major window order: the first maximum takes the gradient
+        cols = []
+        for j in range(kw):
+            hit = xr[:, :, i, :, j, :] == y
+            cols.append(jnp.where(hit & ~taken, g, jnp.zeros((), g.dtype)))
+            taken = taken | hit
+        rows.append(jnp.stack(cols, axis=3))
+    return (jnp.stack(rows, axis=2).reshape(x.shape),)
+
+
+_window_max.defvjp(_window_max_fwd, _window_max_bwd)
 
 
 # ---------------------------------------------------------------------------

@@ -115,3 +115,30 @@ def test_bfloat16_compute():
     assert all(l.dtype == jnp.float32 for l in jax.tree_util.tree_leaves(variables))
     y = model.apply(variables, x)
     assert y.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(y)))
+
+
+@pytest.mark.parametrize("shape,window,strides,padding", [
+    ((2, 8, 8, 3), (2, 2), None, "VALID"),     # VGG-7's pool: the fast path
+    ((2, 9, 7, 3), (2, 2), (2, 2), "VALID"),   # a partial last window is dropped
+    ((1, 9, 9, 2), (3, 3), (3, 3), "VALID"),
+    ((1, 1, 4, 2), (2, 2), None, "VALID"),     # smaller than the window: no output rows
+    ((1, 9, 9, 2), (3, 3), (2, 2), "VALID"),   # overlapping: nn.max_pool itself
+    ((1, 8, 8, 2), (2, 2), None, "SAME"),
+])
+def test_max_pool_equals_flax_max_pool_values_and_gradients(shape, window, strides, padding):
+    """Values from {0, 1, 2} tie often inside a window: the gradient must go where flax sends it."""
+    import flax.linen as nn
+
+    x = jnp.asarray(np.random.default_rng(0).integers(0, 3, shape), jnp.float32)
+    ref = nn.max_pool(x, window, strides or window, padding)
+    out = layers.max_pool(x, window, strides, padding)
+    assert out.shape == ref.shape
+    np.testing.assert_array_equal(out, ref)
+    if ref.size == 0:
+        return
+    weights = jnp.asarray(np.random.default_rng(1).standard_normal(ref.shape), jnp.float32)
+    g_ref = jax.grad(lambda v: jnp.sum(nn.max_pool(v, window, strides or window, padding) * weights))(x)
+    g = jax.grad(lambda v: jnp.sum(layers.max_pool(v, window, strides, padding) * weights))(x)
+    np.testing.assert_array_equal(g, g_ref)
+    if strides in (None, window) and padding == "VALID":  # each window passes its gradient to one input
+        assert int(jnp.sum(g != 0)) == int(jnp.sum(weights != 0))

@@ -42,7 +42,7 @@ class VGG7(DuoNet):
         x = self.bn_act(x, train, "bn1")
         for i in (1, 2, 3):
             x = conv(w[i], f"conv{i + 1}", kernel_size=3, kernel_quantizer=kq)(x)
-            x = nn.max_pool(x, (2, 2), (2, 2))
+            x = layers.max_pool(x, (2, 2))
             x = self.bn_act(x, train, f"bn{i + 1}")
         x = conv(w[4], "conv5", kernel_size=4, strides=4, kernel_quantizer=kq)(x)
         x = self.bn_act(x, train, "bn5")
