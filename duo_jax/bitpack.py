@@ -95,11 +95,20 @@ def _block_rows(n: int) -> int:
     return int(2 ** max(3, round(math.log2(max(1, 32768 // n)))))
 
 
-def popcount_matmul(a: Array, b: Array, block_rows: int | None = None, unroll: int = 8) -> Array:
-    """``sum_w popcount(a[m, w] & b[w, n])`` as int32 ``(M, N)``, for ``a`` ``(M, W)`` and ``b`` ``(W, N)`` uint32."""
+def popcount_matmul(a: Array, b: Array, block_rows: int | None = None, unroll: int = 8, *,
+                    signed: bool = False) -> Array:
+    """``sum_w popcount(a[m, w] & b[w, n])`` as int32 ``(M, N)``, for ``a`` ``(M, W)`` and ``b`` ``(W, N)`` uint32.
+
+    With ``signed``, ``2 * that - sum_w popcount(a[m, w])``: the sum of ``a``'s
+    bits times ``+-1`` (``b``'s bits: 1 for ``+1``), computed per block of
+    rows while the block is in cache. The columns are padded to a multiple of
+    8 (one AVX2 vector of int32) and the padding dropped at the end.
+    """
     m, w = a.shape
     n = b.shape[1]
-    rows = min(block_rows or _block_rows(n), m)
+    n8 = -(-n // 8) * 8
+    b = jnp.pad(b, ((0, 0), (0, n8 - n)))
+    rows = min(block_rows or _block_rows(n8), m)
     blocks = -(-m // rows)
     a = jnp.pad(a, ((0, blocks * rows - m), (0, 0)))
     a = a.reshape(blocks, rows, w).transpose(0, 2, 1)  # word-major within each block
@@ -108,7 +117,10 @@ def popcount_matmul(a: Array, b: Array, block_rows: int | None = None, unroll: i
         def body(i, acc):
             return acc + lax.population_count(ab[i][:, None] & b[i][None, :]).astype(jnp.int32)
 
-        return lax.fori_loop(0, w, body, jnp.zeros((rows, n), jnp.int32), unroll=max(1, min(unroll, w)))
+        acc = lax.fori_loop(0, w, body, jnp.zeros((rows, n8), jnp.int32), unroll=max(1, min(unroll, w)))
+        if signed:
+            acc = 2 * acc - jnp.sum(lax.population_count(ab).astype(jnp.int32), axis=0)[:, None]
+        return acc[:, :n]
 
     out = block(a[0])[None] if blocks == 1 else lax.map(block, a)
     return out.reshape(blocks * rows, n)[:m]
@@ -116,8 +128,7 @@ def popcount_matmul(a: Array, b: Array, block_rows: int | None = None, unroll: i
 
 def _signed_sum(patches: Array, words: Array) -> Array:
     """``k = sum x * (+-1)`` per row and output: ``2 popcount(x & b) - popcount(x)``."""
-    ones = jnp.sum(lax.population_count(patches).astype(jnp.int32), axis=-1)
-    return 2 * popcount_matmul(patches, words) - ones[:, None]
+    return popcount_matmul(patches, words, signed=True)
 
 
 def binary_conv(x: Array, words: Array, *, kernel_size: Sequence[int], strides: Sequence[int],
