@@ -1,4 +1,5 @@
-"""benchmarks/train_throughput.py (smoke run, as CI has no torch) and the PyTorch twin."""
+"""benchmarks/train_throughput.py (smoke run, as CI has no torch), the PyTorch twin, and
+benchmarks/inference.py (smoke run)."""
 
 import json
 import os
@@ -10,6 +11,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "benchmarks", "train_throughput.py")
+INFERENCE = os.path.join(ROOT, "benchmarks", "inference.py")
 
 # Runs the benchmark with torch made unimportable, as on a machine without the extra.
 _NO_TORCH = ("import runpy, sys; sys.modules['torch'] = None; sys.argv = sys.argv[1:]; "
@@ -29,13 +31,26 @@ def _vgg7_forward_flops(width_mult: float, image: int, batch: int, classes: int 
     return 2.0 * macs * batch
 
 
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
+def _quick(tmp_path_factory, *command):
+    """Runs a benchmark's ``--quick`` smoke run; its JSON and its stdout."""
     out = tmp_path_factory.mktemp("bench") / "quick.json"
-    proc = subprocess.run([sys.executable, "-c", _NO_TORCH, BENCH, "--quick", f"--out={out}"], cwd=ROOT,
+    proc = subprocess.run([sys.executable, *command, "--quick", f"--out={out}"], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text()), proc.stdout
+
+
+def _one_error_line(script, *args, names=()):
+    proc = subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and all(n in errors[0] for n in names), errors
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    return _quick(tmp_path_factory, "-c", _NO_TORCH, BENCH)
 
 
 def test_quick_run_without_torch_reports_the_twin_skipped(quick_run):
@@ -81,12 +96,54 @@ def test_quick_run_numbers_are_consistent(quick_run):
 
 
 def test_unknown_case_is_one_error_line():
-    proc = subprocess.run([sys.executable, BENCH, "--cases=vgg8"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 2
-    errors = [l for l in proc.stderr.splitlines() if "error:" in l]
-    assert len(errors) == 1 and "vgg8" in errors[0] and "vgg7_binary" in errors[0]
-    assert "Traceback" not in proc.stderr
+    _one_error_line(BENCH, "--cases=vgg8", names=("vgg8", "vgg7_binary"))
+
+
+# ---------------------------------------------------------------------------
+# benchmarks/inference.py
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def inference_run(tmp_path_factory):
+    return _quick(tmp_path_factory, INFERENCE)
+
+
+def test_inference_packed_forward_agrees_with_the_float_forward(inference_run):
+    result, stdout = inference_run
+    assert set(result["cases"]) == {"vgg7", "resnet18"}
+    for name, case in result["cases"].items():
+        a = case["agreement"]
+        assert a["argmax"] == 1.0, name
+        assert a["max_abs_logit_diff"] <= 1e-4 * max(1.0, a["max_abs_logit"]), name
+        assert case["binary_layers"] > 0 and case["model"]["mode"] == "decoupled"
+        assert f"{name}: argmax agreement 100.0%" in stdout
+
+
+def test_inference_numbers_follow_from_the_recorded_times(inference_run):
+    result, stdout = inference_run
+    rounds = result["meta"]["rounds"]
+    assert result["meta"]["quick"] is True
+    for case in result["cases"].values():
+        for part in ("whole_model", "binary_part"):
+            p = case[part]
+            for side in ("float", "packed"):
+                e = p[side]
+                assert len(e["times_s"]) == rounds
+                assert e["median_s"] == pytest.approx(float(np.median(e["times_s"])))
+                assert e["images_per_s"] == pytest.approx(case["batch"] / e["median_s"])
+            assert p["ratio"] == pytest.approx(p["float"]["median_s"] / p["packed"]["median_s"])
+        layers = case["binary_part"]["layers"]
+        assert len(layers) == case["binary_layers"]
+        for layer in layers:
+            assert layer["ratio"] == pytest.approx(layer["float_median_s"] / layer["packed_median_s"])
+        assert f"{case['binary_part']['ratio']:.2f}x" in stdout
+
+
+def test_inference_unknown_case_is_one_error_line(tmp_path):
+    out = tmp_path / "never.json"
+    _one_error_line(INFERENCE, "--cases=vgg8", f"--out={out}", names=("vgg8", "vgg7"))
+    assert not out.exists()
 
 
 # ---------------------------------------------------------------------------
