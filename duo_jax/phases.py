@@ -249,7 +249,7 @@ class Runner:
     # -- phases ---------------------------------------------------------------
 
     def _stop_if_preempted(self, where: str) -> None:
-        if self._sigterm.raised:
+        if self._sigterm.agreed():  # every process calls this at the same points
             raise train.Preempted(f"SIGTERM received; stopped {where}; rerun the same command to resume")
 
     def run(self) -> dict[str, Any]:

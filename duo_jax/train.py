@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable, Mapping
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 import optax
@@ -226,6 +227,20 @@ class SigtermFlag:
     def _handle(self, signum, frame):
         self.raised = True
 
+    def agreed(self) -> bool:
+        """Whether any process of the run has received SIGTERM.
+
+        With several processes every one must call this at the same point of
+        the program (it is a collective); they then all stop at the same step,
+        and save it together. A process that stopped on its own would wait in
+        the collective save for the others, which would wait for it in their
+        next training step.
+        """
+        if jax.process_count() > 1:
+            flags = multihost_utils.process_allgather(np.int32(self.raised))
+            self.raised = bool(np.any(flags))
+        return self.raised
+
     def __exit__(self, *exc):
         if self._old is not None:
             signal.signal(signal.SIGTERM, self._old)
@@ -279,7 +294,9 @@ def train_loop(
         steps before ``num_steps``, and on SIGTERM. The caller saves the state
         it gets back.
       log_every: fetch and log metrics every this many steps (the only host
-        syncs in the loop).
+        syncs in the loop). With several processes these steps, the periodic
+        saves and ``num_steps`` are also where the processes agree whether any
+        of them received SIGTERM, so that all stop at the same step.
       on_log: receives ``(step, means)`` of the metrics since the last log.
       phase: name, for messages.
 
@@ -296,6 +313,7 @@ def train_loop(
     batches = iter(batch_iter(start))
     pending: list[Metrics] = []
     last_saved = start  # a resumed state (start > 0) came from a checkpoint of that step
+    several = jax.process_count() > 1
     with SigtermFlag() as sigterm:
         for step in range(start, num_steps):
             batch = next(batches)
@@ -303,9 +321,13 @@ def train_loop(
             pending.append(metrics)
             done = step + 1
             # The last step is saved by the caller, after whatever it does at the end (evaluation).
-            must_save = (done % checkpoint_every == 0 and done < num_steps) or sigterm.raised
+            periodic = done % checkpoint_every == 0 and done < num_steps
+            sync_point = done % log_every == 0 or periodic or done == num_steps
+            # One process checks its own flag every step; several agree on theirs at sync points.
+            stop = (sync_point and sigterm.agreed()) if several else sigterm.raised
+            must_save = periodic or stop
             # Never save or return an unchecked state.
-            if done % log_every == 0 or must_save or done == num_steps:
+            if sync_point or must_save:
                 totals = jax.device_get(pending)
                 pending = []
                 count = sum(float(m["count"]) for m in totals)
@@ -323,7 +345,7 @@ def train_loop(
                         "(or fix the data) and start again with a new --workdir"
                     )
                 on_log(done, means)
-            if sigterm.raised:
+            if stop:
                 save(state)
                 raise Preempted(f"phase {phase!r}: SIGTERM received, saved step {done}; rerun the same command to resume")
             if must_save:

@@ -359,6 +359,46 @@ def test_2_processes_train_like_1_process(runs):
     assert diff <= RTOL
 
 
+def test_sigterm_to_one_process_stops_all_at_the_same_step_and_the_rerun_finishes(tmp_path):
+    """A preemption notice that reaches one process only (processes agree at sync points).
+
+    Without the agreement the signalled process waits in the collective save
+    while the other waits for it in its next training step: a hang.
+    """
+    steps = 120
+    args = ["--config=configs/quickstart.py:runlocal", "--noprogress", f"--config.phases={BINARY}",
+            f"--config.{BINARY}.steps={steps}", "--config.log_every=10", "--config.checkpoint_every=12",
+            f"--workdir={tmp_path / 'w'}"]
+
+    def pair(name):
+        env = dict(DUO_JAX_COORDINATOR=f"127.0.0.1:{_free_port()}", DUO_JAX_NUM_PROCESSES="2")
+        return [Run(f"{name}_{i}", args, devices=2, logdir=tmp_path, DUO_JAX_PROCESS_ID=str(i), **env).start()
+                for i in (0, 1)]
+
+    first = pair("stop")
+    phase_dir = tmp_path / "w" / BINARY
+    while not (phase_dir / "12").exists():  # the first periodic checkpoint is complete
+        assert all(r.proc.poll() is None for r in first), first[0].output()[-3000:] + first[1].output()[-3000:]
+        assert time.monotonic() < first[0].deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    os.kill(first[1].proc.pid, signal.SIGTERM)
+    for r in first:
+        assert r.wait() == 3, f"{r.name}:\n{r.output()[-3000:]}"
+    stopped = {int(m) for r in first for m in re.findall(r"SIGTERM received, saved step (\d+)", r.output())}
+    assert len(stopped) == 1, stopped  # both processes name the same step
+    (step,) = stopped
+    assert 12 < step < steps and steps_on_disk(phase_dir)[-1] == step
+    assert {p.name for p in (phase_dir / str(step) / "state").glob("ocdbt.process_*")} == {
+        "ocdbt.process_0", "ocdbt.process_1"}
+
+    second = pair("rerun")
+    wait_all(second)
+    res = results(tmp_path / "w")[BINARY]
+    assert res["steps"] == steps and res["train_history"][-1]["step"] == steps
+    logged = [h["step"] for h in res["train_history"]]
+    assert logged == sorted(set(logged)) and step in logged  # resumed after the saved step, nothing repeated
+
+
 # ---------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------
