@@ -51,6 +51,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax import lax
 
+from duo_jax import sharding
 from duo_jax.errors import UserError
 
 __all__ = ["PhaseCheckpoints"]
@@ -201,15 +202,6 @@ def _os_error(err: BaseException) -> str | None:
         if err is None:
             break
     return None
-
-
-def _all_processes_agree(ok: bool) -> bool:
-    """True when ``ok`` holds on every process (collective when multi-host)."""
-    if jax.process_count() == 1:
-        return ok
-    from jax.experimental import multihost_utils
-
-    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
 
 
 def _mismatch(target: Any, on_disk: Any) -> str | None:
@@ -381,7 +373,7 @@ class PhaseCheckpoints:
         while not existing.exists() and existing != existing.parent:
             existing = existing.parent
         free = shutil.disk_usage(existing).free
-        if not _all_processes_agree(free >= need):
+        if not sharding.all_processes(free >= need):
             latest = self.latest_step()
             kept = "none is complete yet" if latest is None else f"the last complete one, step {latest}, is kept"
             raise UserError(
@@ -486,7 +478,7 @@ class PhaseCheckpoints:
                     result = (out[_STATE], dict(out[_META] or {}))
             except Exception as e:  # noqa: BLE001 - any failure means unreadable
                 error = _first_line(e)
-        if not _all_processes_agree(error is None):
+        if not sharding.all_processes(error is None):
             return None, error or "unreadable on another process"
         return result, error
 

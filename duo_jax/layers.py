@@ -125,7 +125,9 @@ def max_pool(x: Array, window: Sequence[int], strides: Sequence[int] | None = No
     ``nn.max_pool``'s gradient does, ties included. On CPU XLA expands that
     select-and-scatter into index arithmetic and a scatter, the largest cost of
     VGG-7's training step outside its convolutions. Overlapping or padded
-    windows (AlexNet, the ResNet stem) use ``nn.max_pool``.
+    windows (AlexNet, the ResNet stem) use ``nn.max_pool``. (A window that
+    holds a NaN has a NaN maximum and passes no gradient; ``nn.max_pool``
+    passes it to one of its inputs. Training stops at a NaN loss either way.)
     """
     window = tuple(window)
     strides = tuple(strides) if strides is not None else window
@@ -144,33 +146,35 @@ def _blocks(x: Array, window: tuple[int, int]) -> Array:
     return x.reshape(b, h // kh, kh, w // kw, kw, c)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _first_max_mask(xr: Array, y: Array) -> Array:
+    """True where each window's first maximum (row-major) is; ``xr`` from :func:`_blocks`, ``y`` its maxima."""
+    kh, kw = xr.shape[2], xr.shape[4]
+    taken = jnp.zeros(y.shape, bool)
+    rows = []
+    for i in range(kh):
+        cols = []
+        for j in range(kw):
+            hit = xr[:, :, i, :, j, :] == y
+            cols.append(hit & ~taken)
+            taken = taken | hit
+        rows.append(jnp.stack(cols, axis=3))
+    return jnp.stack(rows, axis=2)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def _window_max(x: Array, window: tuple[int, int]) -> Array:
     return jnp.max(_blocks(x, window), axis=(2, 4))
 
 
-def _window_max_fwd(x: Array, window: tuple[int, int]):
-    y = _window_max(x, window)
-    return y, (x, y)
-
-
-def _window_max_bwd(window: tuple[int, int], res, g: Array):
-    x, y = res
+@_window_max.defjvp
+def _window_max_jvp(window: tuple[int, int], primals, tangents):
+    # The tangent is linear in x_dot, so JAX transposes it into the backward:
+    # the window's gradient goes to its first maximum, an element-wise product.
+    (x,), (x_dot,) = primals, tangents
     xr = _blocks(x, window)
-    kh, kw = window
-    taken = jnp.zeros(y.shape, bool)
-    rows = []
-    for i in range(kh):  # row-major window order: the first maximum takes the gradient
-        cols = []
-        for j in range(kw):
-            hit = xr[:, :, i, :, j, :] == y
-            cols.append(jnp.where(hit & ~taken, g, jnp.zeros((), g.dtype)))
-            taken = taken | hit
-        rows.append(jnp.stack(cols, axis=3))
-    return (jnp.stack(rows, axis=2).reshape(x.shape),)
-
-
-_window_max.defvjp(_window_max_fwd, _window_max_bwd)
+    y = jnp.max(xr, axis=(2, 4))
+    mask = _first_max_mask(xr, y)
+    return y, jnp.sum(jnp.where(mask, _blocks(x_dot, window), jnp.zeros((), x_dot.dtype)), axis=(2, 4))
 
 
 # ---------------------------------------------------------------------------

@@ -177,8 +177,9 @@ class Runner:
         if mode not in self._costs:
             try:
                 self._costs[mode] = summary.totals(self.model(mode), self.data.info.image_shape)
-            except (ValueError, TypeError, NotImplementedError, UserError) as e:
-                _log.warning("no cost figures for the %s model: %s", mode, " ".join(str(e).split()))
+            except Exception as e:  # noqa: BLE001 -- a report must not fail a phase that trained
+                _log.warning("no cost figures for the %s model: %s: %s", mode, type(e).__name__,
+                             " ".join(str(e).split()))
                 self._costs[mode] = None
         return self._costs[mode]
 
@@ -255,7 +256,7 @@ class Runner:
     def run(self) -> dict[str, Any]:
         writer = reporting.ScalarWriter(os.path.join(self.workdir, "tensorboard"))
         try:
-            with self._sigterm:  # SIGTERM stops the run at the next step or phase boundary
+            with self._sigterm:  # SIGTERM stops the run at the next step (several processes: sync point)
                 self._run_phases(writer)
         finally:
             writer.close()

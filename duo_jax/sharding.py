@@ -102,3 +102,21 @@ def put_replicated(tree: Any, mesh: Mesh) -> Any:
         return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
     return jax.tree_util.tree_map(put, tree)
+
+
+def all_processes(ok: bool) -> bool:
+    """Whether ``ok`` holds on every process.
+
+    With several processes this is a collective: every process must call it
+    at the same point of the program, or they wait for each other forever.
+    """
+    if jax.process_count() == 1:
+        return bool(ok)
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(bool(ok)))))
+
+
+def any_process(flag: bool) -> bool:
+    """Whether ``flag`` holds on some process (a collective, as :func:`all_processes`)."""
+    return not all_processes(not flag)

@@ -20,11 +20,11 @@ from typing import Any, Callable, Iterable, Mapping
 import flax.struct
 import jax
 import jax.numpy as jnp
-from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 import optax
 
+from duo_jax import sharding
 from duo_jax.errors import UserError
 
 PyTree = Any
@@ -236,10 +236,13 @@ class SigtermFlag:
         the collective save for the others, which would wait for it in their
         next training step.
         """
-        if jax.process_count() > 1:
-            flags = multihost_utils.process_allgather(np.int32(self.raised))
-            self.raised = bool(np.any(flags))
-        return self.raised
+        if jax.process_count() == 1:
+            return self.raised
+        agreed = sharding.any_process(self.raised)
+        # A SIGTERM handled during the collective stays recorded for the next agreement,
+        # but the answer is the one every process got.
+        self.raised = self.raised or agreed
+        return agreed
 
     def __exit__(self, *exc):
         if self._old is not None:

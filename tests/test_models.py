@@ -142,3 +142,16 @@ def test_max_pool_equals_flax_max_pool_values_and_gradients(shape, window, strid
     np.testing.assert_array_equal(g, g_ref)
     if strides in (None, window) and padding == "VALID":  # each window passes its gradient to one input
         assert int(jnp.sum(g != 0)) == int(jnp.sum(weights != 0))
+
+
+def test_max_pool_forward_mode_equals_flax():
+    """``jax.jvp`` (and so ``jacfwd``, Hessian-vector products) works through the fast path."""
+    import flax.linen as nn
+
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.integers(0, 3, (2, 6, 6, 3)), jnp.float32)
+    t = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+    y, dy = jax.jvp(lambda v: layers.max_pool(v, (2, 2)), (x,), (t,))
+    y_ref, dy_ref = jax.jvp(lambda v: nn.max_pool(v, (2, 2), (2, 2)), (x,), (t,))
+    np.testing.assert_array_equal(y, y_ref)
+    np.testing.assert_array_equal(dy, dy_ref)
