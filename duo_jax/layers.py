@@ -169,7 +169,7 @@ def _window_max(x: Array, window: tuple[int, int]) -> Array:
 @_window_max.defjvp
 def _window_max_jvp(window: tuple[int, int], primals, tangents):
     # The tangent is linear in x_dot, so JAX transposes it into the backward:
-    # the window's gradient goes to its first maximum, an element-wise product.
+    # the window's gradient goes to its first maximum, an element-wise select.
     (x,), (x_dot,) = primals, tangents
     xr = _blocks(x, window)
     y = jnp.max(xr, axis=(2, 4))

@@ -171,7 +171,7 @@ class Runner:
     def cost(self, mode: str) -> dict[str, Any] | None:
         """Cost totals per image of the config's model in ``mode`` (:func:`duo_jax.summary.totals`).
 
-        None, with a warning, for a model the summary cannot walk: the figures
+        None, with a warning, if the summary fails for any reason: the figures
         are a report, and a model that trains should not fail for want of them.
         """
         if mode not in self._costs:
